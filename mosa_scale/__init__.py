@@ -1,0 +1,3 @@
+"""mosa_scale: MoSA (Mixture of Sparse Adapters) on large frozen vision backbones."""
+
+__version__ = "0.1.0"

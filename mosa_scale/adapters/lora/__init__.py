@@ -1,0 +1,57 @@
+"""LoRA / MoSA-LoRA on attention q and v (``method: lora``)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mosa_scale.adapters.config import AdapterConfig
+from mosa_scale.adapters.factory import InjectContext, projection, split_flags
+from mosa_scale.adapters.lora.layer import LoRA, LoRALinear, LoRAMultiheadAttention, current_weight
+from mosa_scale.adapters.registry import register_method
+
+
+class LoRAMethod:
+    """LoRA rank r = ``bottleneck``; A is the Down projection, B the Up projection for ``share``."""
+
+    name = "lora"
+
+    def build(self, in_f: int, out_f: int, block: int, prefix: str, cfg: AdapterConfig, ctx: InjectContext) -> LoRA:
+        n = cfg.experts_for(block)
+        split_a, split_b = split_flags(cfg, n)
+        common = dict(num_experts=n, cfg=cfg, ctx=ctx, bias=False)
+        a = projection(in_f, cfg.bottleneck, init="kaiming", split=split_a, name=f"{prefix}.a", **common)
+        b = projection(cfg.bottleneck, out_f, init="zeros", split=split_b, name=f"{prefix}.b", **common)
+        return LoRA(a, b, scale=1.0 if cfg.scale is None else cfg.scale,
+                    dropout=0.0 if cfg.dropout is None else cfg.dropout)
+
+    def inject_block(self, model: nn.Module, site, block: int, cfg: AdapterConfig,
+                     ctx: InjectContext) -> dict[str, nn.Module]:
+        added: dict[str, nn.Module] = {}
+        if site.qkv_fused is not None:
+            mha = model.get_submodule(site.qkv_fused)
+            if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
+                raise TypeError(f"{site.qkv_fused}: LoRA on a fused in-projection needs nn.MultiheadAttention "
+                                f"with one in_proj_weight, got {type(mha).__name__}")
+            mha.__class__ = LoRAMultiheadAttention
+            for t in cfg.lora_targets:
+                lora = self.build(mha.embed_dim, mha.embed_dim, block, f"{site.qkv_fused}.mosa_lora_{t}", cfg, ctx)
+                mha.add_module(f"mosa_lora_{t}", lora)
+                added[f"{site.qkv_fused}.mosa_lora_{t}"] = lora
+            return added
+        for t in cfg.lora_targets:
+            path = getattr(site, t)
+            if path is None:
+                raise ValueError(f"block {block}: the backbone names no {t!r} projection for LoRA")
+            linear = model.get_submodule(path)
+            if type(linear) is not nn.Linear:
+                raise TypeError(f"{path}: LoRA wraps nn.Linear, got {type(linear).__name__}")
+            linear.__class__ = LoRALinear
+            lora = self.build(linear.in_features, linear.out_features, block, f"{path}.mosa_lora", cfg, ctx)
+            linear.add_module("mosa_lora", lora)
+            added[f"{path}.mosa_lora"] = lora
+        return added
+
+
+LORA = register_method(LoRAMethod())
+
+__all__ = ["LORA", "LoRA", "LoRALinear", "LoRAMethod", "LoRAMultiheadAttention", "current_weight"]

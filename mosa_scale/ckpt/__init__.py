@@ -1,0 +1,5 @@
+"""Checkpoints, adapter files, consolidation and merge."""
+
+from mosa_scale.ckpt.merge import adapter_state_dict, merge_state_dict
+
+__all__ = ["adapter_state_dict", "merge_state_dict"]
