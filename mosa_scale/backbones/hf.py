@@ -1,0 +1,272 @@
+"""Hugging Face vision towers (transformers 5): ``ViTModel`` and ``CLIPVisionModel``.
+
+Feature models and their state-dict prefixes:
+
+* ``hf-vit``  -> :class:`HFViTFeatures`, tower under ``vit`` (as in ``ViTForImageClassification``).
+  Output: ``pooling="cls"``: CLS token of ``last_hidden_state`` (already after the final
+  ``layernorm``); ``"mean"``: mean of the patch tokens; ``"pooler"``: ViT's ``pooler`` (dense+tanh).
+* ``hf-clip`` -> :class:`HFCLIPFeatures`, tower under ``vision_model`` (as in ``CLIPModel``).
+  Output: ``"cls"``: ``pooler_output`` = ``post_layernorm(CLS)`` (no visual projection);
+  ``"mean"``: ``post_layernorm(mean of patch tokens)``.
+
+Adapter sites (transformers 5 module names, relative to the feature model):
+
+* ViT:  ``vit.layers.<i>``: ``attention`` (q_proj/k_proj/v_proj/o_proj), ``layernorm_after``,
+  ``mlp`` (fc1, fc2).
+* CLIP: ``vision_model.encoder.layers.<i>``: ``self_attn`` (q_proj/k_proj/v_proj/out_proj),
+  ``layer_norm2``, ``mlp`` (fc1, fc2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mosa_scale.backbones.base import (
+    Backbone,
+    BackboneConfig,
+    BlockSites,
+    BuildArgs,
+    FeatureModel,
+    resolve_image_spec,
+)
+from mosa_scale.backbones.registry import register_backbone
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class HFViTFeatures(FeatureModel):
+    """``transformers.ViTModel`` under prefix ``vit``."""
+
+    prefix = "vit"
+
+    def __init__(self, tower: nn.Module, pooling: str, interpolate_pos_encoding: bool) -> None:
+        super().__init__(tower)
+        self.pooling = pooling
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) -> (B, D)
+        out = self.vit(pixel_values=pixels, interpolate_pos_encoding=self.interpolate_pos_encoding)
+        h = out.last_hidden_state  # (B, 1 + N, D), after the final layernorm
+        if self.pooling == "cls":
+            return h[:, 0]
+        if self.pooling == "mean":
+            return h[:, 1:].mean(dim=1)
+        return out.pooler_output  # (B, D) dense + tanh on CLS
+
+
+class HFCLIPFeatures(FeatureModel):
+    """``transformers.CLIPVisionModel`` under prefix ``vision_model``."""
+
+    prefix = "vision_model"
+
+    def __init__(self, tower: nn.Module, pooling: str, interpolate_pos_encoding: bool) -> None:
+        super().__init__(tower)
+        self.pooling = pooling
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        # (B, 3, H, W) -> (B, D)
+        vm = self.vision_model
+        out = vm(pixel_values=pixels, interpolate_pos_encoding=self.interpolate_pos_encoding)
+        if self.pooling == "cls":
+            return out.pooler_output  # post_layernorm(CLS)
+        return vm.post_layernorm(out.last_hidden_state[:, 1:].mean(dim=1))
+
+
+@dataclass(frozen=True)
+class _HFFamily:
+    config_cls: str
+    model_cls: str
+    model_types: tuple[str, ...]  # config.json model_type values this family loads
+    features: type[FeatureModel]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    blocks: str  # ModuleList of blocks, relative to the tower
+    attn: str
+    ln2: str
+    mlp: str
+    q: str
+    v: str
+
+
+_FAMILIES: dict[str, _HFFamily] = {
+    "hf-vit": _HFFamily(
+        config_cls="ViTConfig",
+        model_cls="ViTModel",
+        model_types=("vit",),
+        features=HFViTFeatures,
+        mean=IMAGENET_STANDARD_MEAN,
+        std=IMAGENET_STANDARD_STD,
+        blocks="layers",
+        attn="attention",
+        ln2="layernorm_after",
+        mlp="mlp",
+        q="attention.q_proj",
+        v="attention.v_proj",
+    ),
+    "hf-clip": _HFFamily(
+        config_cls="CLIPVisionConfig",
+        model_cls="CLIPVisionModel",
+        model_types=("clip_vision_model",),
+        features=HFCLIPFeatures,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        blocks="encoder.layers",
+        attn="self_attn",
+        ln2="layer_norm2",
+        mlp="mlp",
+        q="self_attn.q_proj",
+        v="self_attn.v_proj",
+    ),
+}
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise ImportError("families 'hf-vit'/'hf-clip' need transformers>=5") from e
+    return transformers
+
+
+def check_hf_dir(cfg: BackboneConfig) -> Path:
+    """Check ``cfg.pretrained`` is a ``save_pretrained`` directory of the right model type.
+
+    Runs before transformers is imported, so a wrong path fails at once.
+
+    Args:
+        cfg: An ``hf-vit`` / ``hf-clip`` config with ``pretrained`` set.
+
+    Returns:
+        The directory.
+
+    Raises:
+        FileNotFoundError: The directory or its ``config.json`` is missing; names the path.
+        NotADirectoryError: ``pretrained`` is a file.
+        ValueError: ``config.json`` describes another model type.
+    """
+    assert cfg.pretrained is not None
+    d = Path(cfg.pretrained).expanduser()
+    if not d.exists():
+        raise FileNotFoundError(
+            f"pretrained={cfg.pretrained!r}: no such directory ({d.resolve()}); family "
+            f"{cfg.family!r} loads a local directory written by save_pretrained (hub ids are not "
+            "fetched: download the model first)"
+        )
+    if not d.is_dir():
+        raise NotADirectoryError(
+            f"pretrained={cfg.pretrained!r} is a file; family {cfg.family!r} needs the directory "
+            "written by save_pretrained (config.json + model.safetensors)"
+        )
+    conf = d / "config.json"
+    if not conf.is_file():
+        raise FileNotFoundError(
+            f"{conf}: missing; pretrained must be a directory written by save_pretrained"
+        )
+    with open(conf, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    fam = _FAMILIES[cfg.family]
+    if model_type not in fam.model_types:
+        raise ValueError(
+            f"{conf}: model_type={model_type!r}, but family {cfg.family!r} loads "
+            f"{list(fam.model_types)}; pick the family that matches the checkpoint"
+        )
+    return d
+
+
+def _dir_image_stats(d: Path) -> dict[str, tuple[float, ...]]:
+    f = d / "preprocessor_config.json"
+    if not f.is_file():
+        return {}
+    with open(f, encoding="utf-8") as fh:
+        pre = json.load(fh)
+    return {k: tuple(pre[f"image_{k}"]) for k in ("mean", "std") if f"image_{k}" in pre}
+
+
+def hf_sites(fam: _HFFamily, prefix: str, num_layers: int) -> list[BlockSites]:
+    """Adapter sites of every block of an HF vision tower."""
+    base = f"{prefix}.{fam.blocks}"
+    return [
+        BlockSites(
+            block=f"{base}.{i}",
+            attn=f"{base}.{i}.{fam.attn}",
+            ln2=f"{base}.{i}.{fam.ln2}",
+            mlp=f"{base}.{i}.{fam.mlp}",
+            q=f"{base}.{i}.{fam.q}",
+            v=f"{base}.{i}.{fam.v}",
+        )
+        for i in range(num_layers)
+    ]
+
+
+def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
+    fam = _FAMILIES[cfg.family]
+    overrides = dict(cfg.hf_config or {})
+    init_kwargs: dict[str, Any] = {}
+    if cfg.family == "hf-vit":
+        init_kwargs["add_pooling_layer"] = cfg.pooling == "pooler"
+    stats: dict[str, tuple[float, ...]] = {}
+    d = check_hf_dir(cfg) if cfg.pretrained is not None else None  # before importing transformers
+    tf = _transformers()
+    config_cls, model_cls = getattr(tf, fam.config_cls), getattr(tf, fam.model_cls)
+    if d is None:
+        try:
+            config = config_cls(**overrides)
+        except TypeError as e:
+            raise ValueError(f"hf_config={overrides}: not accepted by {fam.config_cls}: {e}") from e
+        if cfg.image_size is not None:
+            config.image_size = cfg.image_size
+        with args.device:
+            tower = model_cls(config, **init_kwargs)
+        source = "random"
+    else:
+        stats = _dir_image_stats(d)
+        tower = model_cls.from_pretrained(
+            str(d), local_files_only=True, dtype=args.dtype, **init_kwargs, **overrides
+        )
+        tower.to(args.device)
+        config = tower.config
+        source = str(d)
+    tower.to(dtype=args.dtype)
+    native = int(config.image_size)
+    size = cfg.image_size if cfg.image_size is not None else native
+    if size % int(config.patch_size):
+        raise ValueError(f"image_size={size} is not divisible by patch_size={config.patch_size}")
+    model = fam.features(tower, cfg.pooling, interpolate_pos_encoding=size != native)
+    width = int(config.hidden_size)
+    if cfg.pooling == "pooler":  # ViT pooler: dense hidden_size -> pooler_output_size
+        width = int(getattr(config, "pooler_output_size", None) or width)
+    return Backbone(
+        model=model,
+        image=resolve_image_spec(cfg, size, stats.get("mean", fam.mean), stats.get("std", fam.std)),
+        width=width,
+        sites=hf_sites(fam, fam.features.prefix, int(config.num_hidden_layers)),
+        name=cfg.family,
+        source=source,
+        blocks_path=f"{fam.features.prefix}.{fam.blocks}",
+    )
+
+
+@register_backbone("hf-vit")
+def build_hf_vit(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
+    """Build a frozen ``transformers.ViTModel``. Use ``build_backbone``."""
+    return _build_hf(cfg, args)
+
+
+@register_backbone("hf-clip")
+def build_hf_clip(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
+    """Build a frozen ``transformers.CLIPVisionModel``. Use ``build_backbone``."""
+    return _build_hf(cfg, args)
