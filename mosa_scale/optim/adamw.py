@@ -35,6 +35,7 @@ class MoSAAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.router = router
         self.layers = layers or {}
+        self.skip_all = False  # set for a step whose loss was not finite: nothing changes
         self._decayed: set[tuple[int, int]] = set()
         self._decay_window: int | None = None
 
@@ -42,7 +43,8 @@ class MoSAAdamW(torch.optim.AdamW):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         active = self.router.active_slices() if self.router is not None else None
         groups = self.param_groups
-        live = [g for g in groups if active is None or g.get("mosa_key") is None or tuple(g["mosa_key"]) in active]
+        live = [] if self.skip_all else [
+            g for g in groups if active is None or g.get("mosa_key") is None or tuple(g["mosa_key"]) in active]
         self.param_groups = live
         try:
             loss = super().step(closure)

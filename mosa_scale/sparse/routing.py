@@ -120,10 +120,12 @@ class Router:
 
     def grad_scale(self, route_id: int, expert: int) -> float:
         """Factor on slice gradients so that the data-parallel mean becomes the mean over the
-        (rank, micro-batch) units that used the slice: ``ranks * micro / count``."""
-        assert self.window is not None
-        micro = self.window.choices.shape[0]
-        return self.world_size * micro / int(self.window.counts[route_id, expert])
+        (rank, micro-batch) units that used the slice: ``ranks * micro / count``. A plan set by
+        hand with :meth:`use` (outside the window's draws) gets 1."""
+        if self.window is None:
+            return 1.0
+        count = int(self.window.counts[route_id, expert])
+        return self.world_size * self.window.choices.shape[0] / count if count else 1.0
 
     def active_slices(self) -> frozenset[SliceKey]:
         """Slices used by any rank in the current window (all slices before the first window)."""

@@ -1,0 +1,166 @@
+"""The run configuration: one frozen dataclass per concern, validated once before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mosa_scale.adapters.config import AdapterConfig
+from mosa_scale.backbones.base import BackboneConfig
+from mosa_scale.config.errors import Problems
+from mosa_scale.config.loader import build_dataclass, deep_merge, load_yaml, parse_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Classification head: ``linear`` or ``zeroshot`` (CLIP towers, from class-name prompts)."""
+
+    kind: Literal["linear", "zeroshot"] = "linear"
+    class_names: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Webdataset input. ``train``/``val`` are shard specs (brace patterns, lists, ``pipe:``);
+    ``builtin:digits`` / ``builtin:fashion-mnist`` write shards of a built-in set into the run
+    directory first."""
+
+    train: str = "builtin:digits"
+    val: str | None = None
+    num_classes: int | None = None
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    image_size: int | None = None
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (MOSA_SPEC section 7) with linear warm-up then cosine decay, per optimizer step."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Steps, batch sizes (``global_batch = micro_batch x accumulation x world``), schedules."""
+
+    steps: int = 100
+    global_batch: int = 32
+    micro_batch: int = 16
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 3407
+    eval_every: int = 50
+    eval_batches: int | None = None
+    checkpoint_every: int = 50
+    log_every: int = 10
+    max_bad_steps: int = 5
+    gradient_checkpointing: bool = False
+    zero_config: str = "ds_configs/zero2.json"
+    run_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    scope: Literal["global", "rank"] = "global"
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Second pass with fresh experts (MOSA_SPEC section 6)."""
+
+    enabled: bool = False
+    weight: float = 1.0
+    hidden_blocks: int = 0
+    hidden_weight: float = 0.01
+    second_ce: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+
+    def accumulation(self, world_size: int) -> int:
+        return self.train.global_batch // (self.train.micro_batch * world_size)
+
+
+def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
+    """Cross-field checks: batch arithmetic, ranges, files that must exist. Sections that failed
+    to build (None) are skipped so the other sections' problems are still reported."""
+    t, o = cfg.train, cfg.optim
+    if t is None or o is None or cfg.data is None or cfg.head is None or cfg.model is None:
+        if t is not None:
+            _check_batches(t, world_size, p)
+        return
+    _check_batches(t, world_size, p)
+    if o.lr <= 0:
+        p.add("optim.lr", f"got {o.lr}; must be > 0")
+    if o.warmup_steps < 0 or o.warmup_steps >= max(t.steps, 1):
+        p.add("optim.warmup_steps", f"got {o.warmup_steps}; must be in [0, train.steps={t.steps})")
+    if o.clip_grad < 0:
+        p.add("optim.clip_grad", f"got {o.clip_grad}; must be >= 0 (0 = off)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.add("optim.min_lr_ratio", f"got {o.min_lr_ratio}; must be in [0, 1]")
+    if cfg.data.workers < 0:
+        p.add("data.workers", f"got {cfg.data.workers}; must be >= 0")
+    zero = Path(t.zero_config)
+    if not zero.is_file() and not (REPO_ROOT / zero).is_file():
+        p.add("train.zero_config", f"file {t.zero_config!r} does not exist (see ds_configs/)")
+    if cfg.head.kind == "zeroshot" and cfg.model.family != "openclip":
+        p.add("head.kind", "'zeroshot' needs model.family 'openclip' (its text tower makes the head)")
+    if cfg.head.kind == "zeroshot" and not cfg.head.class_names:
+        p.add("head.class_names", "'zeroshot' needs the class names for its prompts")
+    if cfg.consistency.hidden_blocks < 0:
+        p.add("consistency.hidden_blocks", "must be >= 0")
+
+
+def _check_batches(t: TrainConfig, world_size: int, p: Problems) -> None:
+    for name in ("steps", "global_batch", "micro_batch", "eval_every", "checkpoint_every", "log_every",
+                 "max_bad_steps"):
+        if getattr(t, name) <= 0:
+            p.add(f"train.{name}", f"got {getattr(t, name)}; must be > 0")
+    if t.micro_batch > 0 and t.global_batch > 0 and t.global_batch % (t.micro_batch * world_size):
+        p.add("train.global_batch", f"{t.global_batch} is not micro_batch ({t.micro_batch}) x accumulation x "
+              f"world size ({world_size}) for any whole accumulation; use a multiple of {t.micro_batch * world_size}")
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1) -> RunConfig:
+    """Loads, overrides, type-checks and validates a run config.
+
+    Raises:
+        ConfigError: listing every problem found (unknown keys, wrong types, bad values, batch
+            sizes that do not multiply out).
+    """
+    p = Problems()
+    data = load_yaml(path) if path is not None else {}
+    data = deep_merge(data, parse_overrides(overrides, p))
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    hints = typing.get_type_hints(RunConfig)
+    for key in data:
+        if key not in sections:
+            p.unknown(key, sections)
+    built = {name: build_dataclass(hints[name], data.get(name), name, p) for name in sections}
+    check_run(types.SimpleNamespace(**built), world_size, p)  # type: ignore[arg-type]
+    p.raise_if_any()
+    return RunConfig(**built)

@@ -1,0 +1,1 @@
+"""DeepSpeed: the only subpackage that imports deepspeed."""

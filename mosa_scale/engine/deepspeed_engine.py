@@ -1,0 +1,106 @@
+"""DeepSpeed setup: process group, the DeepSpeed config from the run config, the engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from mosa_scale.config.errors import ConfigError
+from mosa_scale.config.run import REPO_ROOT, RunConfig
+
+log = logging.getLogger(__name__)
+
+# settings whose one home is the run config; a ds_configs file must not carry them
+RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as set by deepspeed / torchrun; (0, 1, 0) for plain python."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed() -> None:
+    """Starts the process group (gloo on CPU, nccl on GPU); plain ``python`` gets a 1-rank group."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO settings from ``train.zero_config``, the rest from the run config.
+
+    Raises:
+        ConfigError: if the ZeRO file sets something the run config owns.
+    """
+    path = Path(cfg.train.zero_config)
+    path = path if path.is_file() else REPO_ROOT / path
+    ds = json.loads(path.read_text())
+    clash = [k for k in RUN_OWNED if k in ds]
+    if clash:
+        raise ConfigError([f"train.zero_config: {path.name} sets {', '.join(clash)}; these come from the run "
+                           "config (train.*, optim.clip_grad), remove them from the DeepSpeed file"])
+    t = cfg.train
+    ds.update(
+        train_batch_size=t.global_batch,
+        train_micro_batch_size_per_gpu=t.micro_batch,
+        gradient_accumulation_steps=cfg.accumulation(world_size),
+        gradient_clipping=cfg.optim.clip_grad,  # DeepSpeed's default is 1.0, never rely on it
+        bf16={"enabled": t.precision == "bf16"},
+        fp16={"enabled": t.precision == "fp16", "auto_cast": False},
+    )
+    return ds
+
+
+def zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               ds_config: dict[str, Any]) -> Any:
+    """Wraps model and client optimizer in a DeepSpeed engine."""
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def full_fp32_params(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """Full fp32 values of trainable parameters on every rank (a collective under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    out = {}
+    for name in names:
+        p = params[name]
+        if zero_stage(engine) == 0:
+            out[name] = p.detach().float().cpu().clone()
+        else:
+            out[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+    return out
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

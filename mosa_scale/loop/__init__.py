@@ -1,0 +1,1 @@
+"""The training loop: model assembly, one readable train step, evaluation."""

@@ -1,0 +1,50 @@
+"""Assembles backbone + adapters + head into the trained classifier."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from mosa_scale.adapters import InjectionReport, inject_adapters
+from mosa_scale.backbones import Backbone, build_backbone, build_head
+from mosa_scale.config.run import RunConfig
+from mosa_scale.sparse import Router
+
+log = logging.getLogger(__name__)
+
+
+class AdaptedClassifier(nn.Module):
+    """The frozen tower (with adapters inside it) and the trainable head ``mosa_head``."""
+
+    def __init__(self, tower: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.mosa_head = head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C)
+        return self.mosa_head(self.tower(pixels).float())
+
+
+def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int,
+                meta: bool = False) -> tuple[AdaptedClassifier, Backbone, InjectionReport]:
+    """Builds the frozen backbone, injects the configured adapters and adds the head."""
+    if cfg.head.kind == "zeroshot":
+        from mosa_scale.backbones import build_openclip_zeroshot
+
+        backbone, head = build_openclip_zeroshot(cfg.model, list(cfg.head.class_names or ()))
+    else:
+        backbone = build_backbone(cfg.model, meta=meta)
+        gen = torch.Generator().manual_seed(cfg.train.seed)
+        head = build_head("linear", backbone.width, num_classes, generator=gen)
+    report = inject_adapters(backbone.model, backbone.sites, cfg.adapter, router=router, width=_stream_width(backbone))
+    return AdaptedClassifier(backbone.model, head), backbone, report
+
+
+def _stream_width(backbone: Backbone) -> int:
+    """Width of the residual stream (the pre-FFN norm's size), which may differ from the
+    pooled feature width of a projected tower."""
+    ln = backbone.model.get_submodule(backbone.sites[0].ln2)
+    shape = getattr(ln, "normalized_shape", None)
+    return int(shape[0]) if shape else backbone.width

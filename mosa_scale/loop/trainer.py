@@ -1,0 +1,294 @@
+"""The training run: build everything once, then a plain loop of optimizer steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from mosa_scale.backbones import enable_gradient_checkpointing
+from mosa_scale.ckpt import merge_state_dict, write_adapter
+from mosa_scale.config.loader import to_plain
+from mosa_scale.config.run import RunConfig
+from mosa_scale.data import IGNORE_INDEX, DataSpec, build_loader, make_shards
+from mosa_scale.engine import checkpoint as ckpt
+from mosa_scale.engine.deepspeed_engine import (all_reduce_sum, barrier, deepspeed_config, full_fp32_params,
+                                                init_distributed, initialize)
+from mosa_scale.loop.metrics import MetricLogger
+from mosa_scale.loop.model import build_model
+from mosa_scale.loss import HiddenCapture, consistency_loss
+from mosa_scale.optim import MoSAAdamW, sparse_layers
+from mosa_scale.sparse import Router
+
+log = logging.getLogger(__name__)
+BUILTIN = "builtin:"
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """lr factor: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[DataSpec, DataSpec | None, int]:
+    """Shard specs for train/val, writing a built-in set's shards first (rank 0) if asked."""
+    d = cfg.data
+    train, val, index_dir = d.train, d.val, None
+    if train.startswith(BUILTIN):
+        index_dir = run_dir / "data"
+        if rank == 0 and not (index_dir / "index.json").is_file():
+            make_shards(train[len(BUILTIN):], str(index_dir), samples_per_shard=100, splits="train=0.8,val=0.2",
+                        seed=cfg.train.seed, overwrite=True, progress=False)
+        barrier()
+        train, val = str(index_dir), val or str(index_dir)
+    elif Path(train).is_dir():
+        index_dir = Path(train)
+    num_classes = d.num_classes
+    if num_classes is None and index_dir is not None and (index_dir / "index.json").is_file():
+        num_classes = int(json.loads((index_dir / "index.json").read_text())["num_classes"])
+    if num_classes is None:
+        raise ValueError("data.num_classes is needed: the train shards have no index.json to read it from")
+    common = dict(shuffle_buffer=d.shuffle_buffer, hflip=d.hflip)
+    train_spec = DataSpec(shards=train, split="train" if index_dir is not None else None, **common)
+    val_spec = DataSpec(shards=val, split="val" if val == str(index_dir) else None, **common) if val else None
+    return train_spec, val_spec, num_classes
+
+
+class Trainer:
+    """One training run in ``train.run_dir``; resumes from ``checkpoints/latest`` when present."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        init_distributed()
+        import torch.distributed as dist
+
+        self.cfg, self.rank, self.world = cfg, dist.get_rank(), dist.get_world_size()
+        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.gas = cfg.accumulation(self.world)
+        self.passes = 2 if cfg.consistency.enabled else 1
+        torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, replayable
+        self.train_spec, self.val_spec, self.num_classes = prepare_data(cfg, self.run_dir, self.rank)
+        self.router = Router(cfg.train.seed, cfg.routing.scope, self.rank, self.world)
+        model, self.backbone, self.report = build_model(cfg, self.router, num_classes=self.num_classes)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.backbone, self.router.checkpoint)
+        o = cfg.optim
+        self.optimizer = MoSAAdamW.for_model(model, router=self.router, weight_decay=o.weight_decay, lr=o.lr,
+                                             betas=o.betas, eps=o.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(
+            s, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
+        self.engine = initialize(model, self.optimizer, sched, deepspeed_config(cfg, self.world))
+        self.device = self.engine.device
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.metrics = MetricLogger(self.run_dir, self.rank)
+        self.step, self.epoch, self.data_state, self.bad_in_row, self.bad_total = 0, 0, None, 0, 0
+        self.skipped = {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
+            log.info("%s", self.report.format())
+
+    # ---------------------------------------------------------------- data
+    def _loader(self, *, train: bool, epoch: int, resume: dict | None = None):
+        img = self.backbone.image
+        spec = self.train_spec if train else self.val_spec
+        return build_loader(spec, image_size=self.cfg.data.image_size or img.size, mean=img.mean, std=img.std,
+                            train=train, batch_size=self.cfg.train.micro_batch, rank=self.rank,
+                            world_size=self.world, num_workers=self.cfg.data.workers, seed=self.cfg.train.seed,
+                            epoch=epoch, resampled=self.cfg.data.resampled and train, resume=resume)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Training batches across epochs; ``self.data_state`` is the position after the last one."""
+        resume = self.data_state
+        while True:
+            loader = self._loader(train=True, epoch=self.epoch, resume=resume)
+            resume = None
+            for batch in loader:
+                self.data_state = loader.state_dict()
+                for k, v in batch["skipped"].items():
+                    self.skipped[k] = self.skipped.get(k, 0) + v
+                yield batch
+            self.epoch += 1
+            self.data_state = None
+
+    # ---------------------------------------------------------------- step
+    def _forward_loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.cfg.consistency
+        x = batch["image"].to(self.device)
+        y = batch["label"].to(self.device)
+        valid = y != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1)
+        blocks = [self.backbone.model.get_submodule(s.block) for s in self.backbone.sites[: c.hidden_blocks]]
+        capture = HiddenCapture(blocks) if c.enabled and c.hidden_blocks else None
+        with self.router.forward_pass(micro, 0):
+            logits = self.engine(x)  # (B, C)
+        hidden1 = capture.take() if capture else []
+        # mean over real samples only; an all-padding micro-batch contributes zero
+        loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum") / n_valid
+        parts = {"loss/ce": loss.detach()}
+        if c.enabled:
+            with self.router.forward_pass(micro, 1):  # fresh experts (and dropout) for the second pass
+                logits2 = self.engine(x)
+            hidden2 = capture.take() if capture else []
+            terms = consistency_loss(logits[valid], logits2[valid], y[valid], weight=c.weight,
+                                     hidden1=hidden1, hidden2=hidden2, hidden_weight=c.hidden_weight,
+                                     second_ce=c.second_ce)
+            loss = loss + terms["total"]
+            parts["loss/consistency"] = terms["kl"].detach()
+        if capture:
+            capture.remove()
+        return loss, {k: float(v) for k, v in parts.items()}
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step: ``gas`` micro-batches, each forward (one or two passes) and backward."""
+        window = self.router.begin_step(self.step, micro_batches=self.gas, passes=self.passes)
+        t0, data_time, sums, bad = time.perf_counter(), 0.0, {}, False
+        for micro in range(self.gas):
+            td = time.perf_counter()
+            batch = next(batches)
+            data_time += time.perf_counter() - td
+            loss, parts = self._forward_loss(batch, micro)
+            # every rank must agree on skipping, or ZeRO's collectives would diverge
+            bad = bad or all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0
+            self.engine.backward(loss)
+            self.optimizer.skip_all = bad  # a non-finite window changes no value, moment or count
+            self.engine.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / self.gas
+        self.optimizer.skip_all = False
+        self.bad_in_row = self.bad_in_row + 1 if bad else 0
+        self.bad_total += int(bad)
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            raise RuntimeError(f"{self.bad_in_row} optimizer steps in a row had a non-finite loss "
+                               f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); lower optim.lr or check data")
+        step_time = time.perf_counter() - t0
+        out = {**sums, "lr": self.optimizer.param_groups[0]["lr"], "time/step_s": step_time,
+               "time/data_s": data_time, "throughput/samples_per_s": self.cfg.train.global_batch / step_time,
+               "train/nonfinite_steps": self.bad_total, "memory/peak_mb": peak_memory_mb()}
+        counts = window.counts
+        for name, layer in sparse_layers(self.engine.module).items():
+            for k in range(layer.num_experts):
+                out[f"experts/{name}/{k}"] = float(counts[layer.route_id, k])
+        for k, v in self.skipped.items():
+            out[f"data/skipped_{k}"] = float(v)
+        return out
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 of the merged model over the validation shards (all ranks), and on the first batch
+        the gap between the merged model and one stochastic training-mode pass."""
+        if self.val_spec is None:
+            return {}
+        self.engine.module.eval()
+        correct = total = 0.0
+        gap = agree = 0.0
+        limit = self.cfg.train.eval_batches
+        for i, batch in enumerate(self._loader(train=False, epoch=0)):
+            if limit is not None and i >= limit:
+                continue  # keep iterating so workers end cleanly; every rank has the same count
+            x, y = batch["image"].to(self.device), batch["label"].to(self.device)
+            valid = y != IGNORE_INDEX
+            logits = self.engine(x)
+            correct += float((logits.argmax(-1)[valid] == y[valid]).sum())
+            total += float(valid.sum())
+            if i == 0:
+                self.engine.module.train()
+                with torch.random.fork_rng(), self.router.use(self.router.plan(self.step, 0, 7)[self.rank]):
+                    stochastic = self.engine(x)
+                self.engine.module.eval()
+                gap = float((stochastic.float().softmax(-1) - logits.float().softmax(-1)).abs().sum(-1).mean())
+                agree = float((stochastic.argmax(-1) == logits.argmax(-1)).float().mean())
+        self.engine.module.train()
+        correct, total, gap, agree = all_reduce_sum([correct, total, gap, agree])
+        return {"top1": correct / max(total, 1.0), "eval_samples": total,
+                "merged_vs_stochastic_l1": gap / self.world, "merged_vs_stochastic_agree": agree / self.world}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        client = {"step": self.step, "epoch": self.epoch, "router": self.router.state_dict(),
+                  "bad_total": self.bad_total, "skipped": self.skipped}
+        ckpt.save(self.engine, self.ckpt_dir, self.step, client_state=client,
+                  rank_state={"rng": ckpt.rng_state(), "data": self.data_state, "epoch": self.epoch})
+
+    def maybe_resume(self) -> None:
+        loaded = ckpt.load(self.engine, self.ckpt_dir)
+        if loaded is None:
+            return
+        client, rank_state = loaded
+        self.router.load_state_dict(client["router"])
+        self.step, self.bad_total, self.skipped = client["step"], client["bad_total"], client["skipped"]
+        self.epoch, self.data_state = rank_state["epoch"], rank_state["data"]
+        ckpt.set_rng_state(rank_state["rng"])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", ckpt.latest_tag(self.ckpt_dir), self.step)
+
+    # ---------------------------------------------------------------- adapter
+    def merged_adapter(self) -> dict[str, torch.Tensor]:
+        """The merged dense adapter (all ranks take part: fp32 values are gathered under ZeRO)."""
+        state = full_fp32_params(self.engine, self.trainable)
+        buffers = {n: b.detach().cpu() for n, b in self.engine.module.named_buffers()
+                   if n in self.engine.module.state_dict() and any(p.startswith("mosa_") for p in n.split("."))}
+        return merge_state_dict({**buffers, **state})
+
+    def write_adapter(self) -> Path | None:
+        merged = self.merged_adapter()
+        if self.rank != 0:
+            return None
+        manifest = {"config": to_plain(self.cfg), "backbone": {"name": self.backbone.name,
+                    "source": self.backbone.source, "family": self.cfg.model.family},
+                    "num_classes": self.num_classes, "step": self.step}
+        return write_adapter(self.run_dir / "adapter", merged, manifest)
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> dict[str, float]:
+        t = self.cfg.train
+        self.maybe_resume()
+        batches = self._batches()
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        self.engine.module.train()
+        while self.step < t.steps:
+            stats = self.train_step(batches)
+            self.step += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.metrics.scalars(self.step, stats)
+                bar.set_postfix(loss=f"{stats['loss/ce']:.4f}", lr=f"{stats['lr']:.2e}")
+                if self.rank == 0:
+                    log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s", self.step, t.steps, stats["loss/ce"],
+                             stats["lr"], stats["throughput/samples_per_s"])
+            if self.step % t.eval_every == 0 or self.step == t.steps:
+                last_eval = self.evaluate()
+                if last_eval:
+                    self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in last_eval.items()})
+                    self.metrics.evaluation({"step": self.step, **last_eval})
+                    if self.rank == 0:
+                        log.info("step %d eval top1 %.4f", self.step, last_eval["top1"])
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save_checkpoint()
+            self.metrics.flush()
+        bar.close()
+        path = self.write_adapter()
+        if path is not None:
+            log.info("merged adapter written to %s", path)
+        self.metrics.close()
+        return last_eval
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
