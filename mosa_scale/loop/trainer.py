@@ -142,11 +142,15 @@ class Trainer:
             with self.router.forward_pass(micro, 1):  # fresh experts (and dropout) for the second pass
                 logits2 = self.engine(x)
             hidden2 = capture.take() if capture else []
-            terms = consistency_loss(logits[valid], logits2[valid], y[valid], weight=c.weight,
-                                     hidden1=hidden1, hidden2=hidden2, hidden_weight=c.hidden_weight,
-                                     second_ce=c.second_ce)
-            loss = loss + terms["total"]
-            parts["loss/consistency"] = terms["kl"].detach()
+            if valid.any():  # an all-padding micro-batch (end of epoch) has nothing to compare
+                terms = consistency_loss(logits[valid], logits2[valid], y[valid], weight=c.weight,
+                                         hidden1=hidden1, hidden2=hidden2, hidden_weight=c.hidden_weight,
+                                         second_ce=c.second_ce)
+                loss = loss + terms["total"]
+                parts["loss/consistency"] = terms["kl"].detach()
+            else:
+                loss = loss + 0.0 * logits2.sum()  # same graph on every rank
+                parts["loss/consistency"] = torch.zeros(())
         if capture:
             capture.remove()
         return loss, {k: float(v) for k, v in parts.items()}
