@@ -1,0 +1,192 @@
+"""Reading raw samples from tar shards, surviving bad shards and counting every lost sample.
+
+A raw sample is a dict of field extension -> bytes plus `__key__` and `__url__`, not decoded:
+decoding happens after the shuffle buffer and after resume skipping, so skipped samples cost
+only their read.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples",
+           "shuffle_buffer"]
+
+logger = logging.getLogger(__name__)
+
+RawSample = dict[str, object]
+
+# What a bad shard can raise while it is opened, streamed, decompressed or closed.
+_SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+
+
+@dataclass
+class SkipCounts:
+    """Samples and shards lost so far.
+
+    Attributes:
+        corrupt: Samples read but unusable (undecodable image, missing or invalid label).
+        missing: Samples an index promised that a truncated or unreadable shard did not hold.
+        bad_shards: Shards that failed to open, broke off, or ended early.
+        extra: Samples beyond the index's count of their shard (stale index), not used.
+    """
+
+    corrupt: int = 0
+    missing: int = 0
+    bad_shards: int = 0
+    extra: int = 0
+
+    def pop(self) -> dict[str, int]:
+        """Return the counts as a dict and reset them to zero."""
+        out = asdict(self)
+        self.corrupt = self.missing = self.bad_shards = self.extra = 0
+        return out
+
+
+def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[RawSample]:
+    """Yield the complete samples of one shard; count what is lost instead of raising.
+
+    On a read error the sample being assembled is dropped and the rest of the shard skipped;
+    with `expected` known, `expected - yielded` samples are counted as missing. Samples past
+    `expected` are not yielded (counted as `extra`), so a reader never exceeds its plan.
+
+    Args:
+        url: Local path or `pipe:` command.
+        expected: Samples the index promises for this shard (None: unknown).
+        counts: Accumulator updated in place.
+
+    Yields:
+        Raw samples with `__key__` and `__url__`.
+    """
+    yielded = extra = 0
+    error: BaseException | None = None
+    current: RawSample | None = None
+    try:
+        stream = gopen(url, "rb")
+    except _SHARD_ERRORS as exn:
+        stream, error = None, exn
+    if stream is not None:
+        complete = False
+        try:
+            for item in tar_file_iterator(stream, handler=reraise_exception):
+                key, suffix = base_plus_ext(item["fname"])
+                if key is None:
+                    continue
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        if expected is None or yielded < expected:
+                            yielded += 1
+                            yield current
+                        else:
+                            extra += 1
+                    current = {"__key__": key, "__url__": url}
+                suffix = suffix.lower()
+                if suffix in current:
+                    current["__error__"] = f"duplicate field {suffix!r}"
+                current[suffix] = item["data"]
+            if current is not None:
+                if expected is None or yielded < expected:
+                    yielded += 1
+                    yield current
+                else:
+                    extra += 1
+            complete = True
+        except _SHARD_ERRORS as exn:
+            error = exn  # the sample being assembled is incomplete: dropped with the rest
+        finally:
+            try:
+                stream.close()  # a pipe reports the exit status of its command here
+            except _SHARD_ERRORS as exn:
+                if complete:  # after an early stop by the consumer, a broken pipe is expected
+                    error = exn
+    lost = max(0, expected - yielded) if expected is not None else 0
+    if error is not None or lost:
+        counts.bad_shards += 1
+        counts.missing += lost
+        reason = f"read error: {error}" if error is not None else "ended early (truncated?)"
+        logger.warning("shard %s: %s; skipped the rest of the shard after %d samples"
+                       "%s", url, reason, yielded,
+                       f", {lost} of {expected} samples lost" if expected is not None else "")
+    if extra:
+        counts.extra += extra
+        logger.warning("shard %s holds %d samples more than the %s of its index; they are not "
+                       "used (rewrite the index)", url, extra, expected)
+
+
+def sequential_samples(urls: Sequence[str], sizes: Sequence[int],
+                       counts: SkipCounts) -> Iterator[RawSample]:
+    """Samples of the given shards in order.
+
+    Args:
+        urls: Shard URLs.
+        sizes: Expected samples of each shard.
+        counts: Accumulator updated in place.
+
+    Yields:
+        Raw samples.
+    """
+    for url, size in zip(urls, sizes):
+        yield from iter_shard(url, size, counts)
+
+
+def resampled_samples(urls: Sequence[str], sizes: Sequence[int] | None, rng: random.Random,
+                      counts: SkipCounts) -> Iterator[RawSample]:
+    """Endless samples of shards drawn with replacement from `rng`.
+
+    Stops (instead of spinning forever) when 2 x len(urls) draws in a row yield nothing.
+
+    Args:
+        urls: Shard URLs.
+        sizes: Expected samples of each shard (None: unknown).
+        rng: Seeded generator of shard draws.
+        counts: Accumulator updated in place.
+
+    Yields:
+        Raw samples.
+    """
+    empty_draws = 0
+    while empty_draws < 2 * len(urls):
+        i = rng.randrange(len(urls))
+        got = 0
+        for sample in iter_shard(urls[i], None if sizes is None else sizes[i], counts):
+            got += 1
+            yield sample
+        empty_draws = 0 if got else empty_draws + 1
+    logger.error("%d shard draws in a row gave no sample; this reader pads the rest of its "
+                 "epoch", empty_draws)
+
+
+def shuffle_buffer(samples: Iterator[RawSample], size: int,
+                   rng: random.Random) -> Iterator[RawSample]:
+    """Shuffle a stream with a buffer of `size` items (deterministic given `rng`).
+
+    Args:
+        samples: Input stream.
+        size: Buffer size; 0 or 1 leaves the order unchanged.
+        rng: Seeded generator.
+
+    Yields:
+        The same items in shuffled order.
+    """
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[RawSample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
