@@ -30,7 +30,9 @@ class HeadConfig:
 class DataConfig:
     """Webdataset input. ``train``/``val`` are shard specs (brace patterns, lists, ``pipe:``);
     ``builtin:digits`` / ``builtin:fashion-mnist`` write shards of a built-in set into the run
-    directory first."""
+    directory first. Training augmentation is RandomResizedCrop(``crop_scale``, ``crop_ratio``)
+    plus an optional flip; ``crop_scale: [1, 1]`` and ``crop_ratio: [1, 1]`` give a plain resize
+    (VTAB-1k, position-sensitive tasks)."""
 
     train: str = "builtin:digits"
     val: str | None = None
@@ -40,6 +42,8 @@ class DataConfig:
     resampled: bool = False
     image_size: int | None = None
     hflip: bool = True
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,11 @@ def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
         p.add("optim.clip_grad", f"got {o.clip_grad}; must be >= 0 (0 = off)")
     if not 0 <= o.min_lr_ratio <= 1:
         p.add("optim.min_lr_ratio", f"got {o.min_lr_ratio}; must be in [0, 1]")
+    lo, hi = cfg.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        p.add("data.crop_scale", f"got {cfg.data.crop_scale}; need 0 < min <= max <= 1")
+    if not 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1]:
+        p.add("data.crop_ratio", f"got {cfg.data.crop_ratio}; need 0 < min <= max")
     if cfg.data.workers < 0:
         p.add("data.workers", f"got {cfg.data.workers}; must be >= 0")
     zero = Path(t.zero_config)

@@ -73,9 +73,23 @@ def zero_stage(engine: Any) -> int:
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                ds_config: dict[str, Any]) -> Any:
-    """Wraps model and client optimizer in a DeepSpeed engine."""
+    """Wraps model and client optimizer in a DeepSpeed engine.
+
+    DeepSpeed casts the whole module (buffers included) to bf16/fp16; the MoSA buffers (W0, the
+    partition, the decay factors s_k) are put back in full precision afterwards, so merges and the
+    off-mask weight decay stay exact.
+    """
+    from mosa_scale.sparse import SparseExpertLinear
+
+    keep = {(id(m), name): buf.detach().clone() for m in model.modules() if isinstance(m, SparseExpertLinear)
+            for name, buf in m.named_buffers(recurse=False) if buf.is_floating_point()}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    for m in engine.module.modules():
+        if isinstance(m, SparseExpertLinear):
+            for name, buf in list(m.named_buffers(recurse=False)):
+                if (id(m), name) in keep:
+                    setattr(m, name, keep[(id(m), name)].to(buf.device))
     return engine
 
 
@@ -87,7 +101,7 @@ def full_fp32_params(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:
     out = {}
     for name in names:
         p = params[name]
-        if zero_stage(engine) == 0:
+        if zero_stage(engine) == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
             out[name] = p.detach().float().cpu().clone()
         else:
             out[name] = safe_get_full_fp32_param(p).detach().float().cpu().clone()

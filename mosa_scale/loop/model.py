@@ -24,7 +24,9 @@ class AdaptedClassifier(nn.Module):
         self.mosa_head = head
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C)
-        return self.mosa_head(self.tower(pixels).float())
+        features = self.tower(pixels)  # (B, D)
+        head_dtype = next(self.mosa_head.parameters()).dtype  # bf16 when DeepSpeed casts the module
+        return self.mosa_head(features.to(head_dtype)).float()
 
 
 def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int,

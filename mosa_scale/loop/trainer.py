@@ -60,7 +60,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[DataSpec, Da
         num_classes = int(json.loads((index_dir / "index.json").read_text())["num_classes"])
     if num_classes is None:
         raise ValueError("data.num_classes is needed: the train shards have no index.json to read it from")
-    common = dict(shuffle_buffer=d.shuffle_buffer, hflip=d.hflip)
+    common = dict(shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio)
     train_spec = DataSpec(shards=train, split="train" if index_dir is not None else None, **common)
     val_spec = DataSpec(shards=val, split="val" if val == str(index_dir) else None, **common) if val else None
     return train_spec, val_spec, num_classes
@@ -185,8 +185,9 @@ class Trainer:
         for name, layer in sparse_layers(self.engine.module).items():
             for k in range(layer.num_experts):
                 out[f"experts/{name}/{k}"] = float(counts[layer.route_id, k])
-        for k, v in self.skipped.items():
-            out[f"data/skipped_{k}"] = float(v)
+        totals = all_reduce_sum([float(v) for v in self.skipped.values()])  # every rank's losses
+        for k, v in zip(self.skipped, totals):
+            out[f"data/skipped_{k}"] = v
         return out
 
     # ---------------------------------------------------------------- eval

@@ -136,3 +136,18 @@ def test_bad_config_fails_fast_listing_every_problem(tmp_path):
                    "optim.lr", "train.global_batch: 30"):
         assert needle in proc.stderr, (needle, proc.stderr)
     assert "5 configuration problem(s)" in proc.stderr
+
+
+def test_bf16_zero3_keeps_mosa_buffers_and_adapter_in_fp32(tmp_path):
+    run = tmp_path / "bf16"
+    deepspeed_launch(TRAIN, train_args(run, "train.precision=bf16", "train.zero_config=ds_configs/zero3.json",
+                                       "train.steps=6", "train.eval_every=6", "train.checkpoint_every=6"), ranks=2)
+    merged = load_file(str(run / "adapter" / "adapter.safetensors"))
+    assert merged and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in merged.values())
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    module = torch.load(next((run / "checkpoints" / tag).glob("*model_states.pt")), weights_only=False)["module"]
+    buffers = {k: v for k, v in module.items() if k.endswith((".base", ".decay"))}
+    assert buffers and all(v.dtype == torch.float32 for v in buffers.values())
+    # the off-mask decay factors moved (weight decay 0.01 ran in fp32) but stay below 1
+    decays = torch.cat([v for k, v in buffers.items() if k.endswith(".decay")])
+    assert (decays < 1).any() and (decays > 0.99).all()
