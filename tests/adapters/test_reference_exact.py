@@ -137,3 +137,23 @@ def test_counting_one_adapter_worth_of_state():
     log.warning("counting (hidden 32, r 8, N %d, share none): dense trainable %d, MoSA trainable %d, "
                 "MoSA Adam state %d, reference trainable %d, reference Adam state %d",
                 n, d_train, m_train, state, r_train, ref_state)
+
+
+def test_skip_all_changes_nothing():
+    cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=4, share="none", dropout=0.0)
+    model, _, _, router, opt = train_both(cfg, steps=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    decay = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".decay")}
+    x, y = batches(1, seed=7)[0]
+    router.begin_step(3)
+    with router.forward_pass():
+        F.cross_entropy(model(x), y).backward()
+    opt.skip_all = True
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(torch.equal(v, state[id(p)][k]) for p, st in opt.state.items() for k, v in st.items())
+    assert all(torch.equal(b, decay[n]) for n, b in model.named_buffers() if n.endswith(".decay"))
+    opt.skip_all = False
+    opt.step()  # the same gradients now do move the weights
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -151,3 +151,13 @@ def test_bf16_zero3_keeps_mosa_buffers_and_adapter_in_fp32(tmp_path):
     # the off-mask decay factors moved (weight decay 0.01 ran in fp32) but stay below 1
     decays = torch.cat([v for k, v in buffers.items() if k.endswith(".decay")])
     assert (decays < 1).any() and (decays > 0.99).all()
+
+
+def test_nonfinite_losses_stop_the_run_after_max_bad_steps(tmp_path):
+    run = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, str(TRAIN), *train_args(run, "optim.lr=1e30", "optim.warmup_steps=0",
+                                                               "train.max_bad_steps=3", "train.micro_batch=32")],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "3 optimizer steps in a row had a non-finite loss (train.max_bad_steps=3)" in proc.stderr
+    assert not (run / "adapter" / "adapter.safetensors").exists()

@@ -112,3 +112,14 @@ def test_optimizer_state_is_one_dense_adapter_and_halves_with_ranks(runs):
             line += f", 1 rank {one} B"
         lines.append(line)
     log.warning("optimizer state: %s", "; ".join(lines))
+
+
+def test_frozen_tower_partitioned_only_under_zero3(runs):
+    _, results = runs
+    for r in results:
+        if r["world"] != 2:
+            continue
+        if r["stage"] == 3:
+            assert r["frozen_local"] <= r["frozen_total"] / 2 + 64 * 40, r  # a partition, plus per-param padding
+        else:
+            assert r["frozen_local"] == r["frozen_total"] > 0, r

@@ -90,12 +90,16 @@ def run(stage: int, experts: int, scope: str, rank: int, world: int, out: Path, 
     inner = opt if stage == 0 else engine.optimizer.optimizer
     state_ok = all(st["exp_avg"].numel() == t.numel() and st["exp_avg_sq"].numel() == t.numel()
                    for ts in m.values() for t in ts for st in [inner.state.get(t)] if st)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    # ZeRO-3 partitions the frozen tower too (each rank holds about 1/world of it); below it is replicated
+    frozen_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen)
+    frozen_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in frozen)
     if rank == 0:
         buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n.endswith((".decay",))}
         save_file({**values, **buffers}, str(out / f"values_s{stage}_n{experts}_{scope}_w{world}.safetensors"))
     return {"stage": stage, "experts": experts, "scope": scope, "world": world, "rank": rank,
             "checks": checks, "violations": violations, "adam_state_bytes": 2 * 4 * master_elems,
-            "state_matches_masters": state_ok, "groups": len(opt.param_groups),
+            "state_matches_masters": state_ok, "frozen_local": frozen_local, "frozen_total": frozen_total, "groups": len(opt.param_groups),
             "trainable": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and stage != 3)}
 
 
