@@ -32,6 +32,9 @@ Family = Literal["openclip", "hf-vit", "hf-clip"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Pooling = Literal["cls", "mean", "pooler"]
 
+# the normalisation OpenAI's CLIP (and so OpenCLIP and HF CLIP) was trained with
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FAMILIES: tuple[str, ...] = ("openclip", "hf-vit", "hf-clip")
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,

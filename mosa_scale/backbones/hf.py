@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from mosa_scale.backbones.base import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     Backbone,
     BackboneConfig,
     BlockSites,
@@ -42,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class HFViTFeatures(FeatureModel):

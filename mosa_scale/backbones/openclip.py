@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from mosa_scale.backbones.base import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     Backbone,
     BackboneConfig,
     BlockSites,
@@ -43,8 +45,6 @@ from mosa_scale.backbones.registry import register_backbone
 
 logger = logging.getLogger(__name__)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # preferred file names inside a local directory, in order (OpenCLIP / HF hub layouts)
@@ -325,7 +325,7 @@ def _make_backbone(
     width = visual.output_dim if visual.proj is not None else visual.transformer.width
     return Backbone(
         model=model,
-        image=resolve_image_spec(cfg, h, pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)),
+        image=resolve_image_spec(cfg, h, pre.get("mean", OPENAI_CLIP_MEAN), pre.get("std", OPENAI_CLIP_STD)),
         width=int(width),
         sites=openclip_sites(visual),
         name=f"openclip:{cfg.name}",
