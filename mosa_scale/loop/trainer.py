@@ -24,6 +24,7 @@ from mosa_scale.data import IGNORE_INDEX, DataSpec, build_loader, make_shards
 from mosa_scale.engine import checkpoint as ckpt
 from mosa_scale.engine.deepspeed_engine import (all_reduce_sum, barrier, deepspeed_config, full_fp32_params,
                                                 init_distributed, initialize)
+from mosa_scale.loop.flops import peak_flops, step_flops, throughput_metrics
 from mosa_scale.loop.metrics import MetricLogger
 from mosa_scale.loop.model import build_model
 from mosa_scale.loss import HiddenCapture, consistency_loss
@@ -93,12 +94,18 @@ class Trainer:
         self.engine = initialize(model, self.optimizer, sched, deepspeed_config(cfg, self.world))
         self.device = self.engine.device
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.flops = step_flops(model, self.backbone, image_size=cfg.data.image_size or self.backbone.image.size,
+                                global_batch=cfg.train.global_batch, consistency=cfg.consistency.enabled)
+        self.peak_flops = peak_flops(self.device, cfg.train.precision)
         self.metrics = MetricLogger(self.run_dir, self.rank)
         self.step, self.epoch, self.data_state, self.bad_in_row, self.bad_total = 0, 0, None, 0, 0
         self.skipped = {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
             log.info("%s", self.report.format())
+            log.info("FLOPs per sample: %.3g (frozen forward %.3g, frozen backward %.3g, trainable %.3g)",
+                     self.flops["per_sample"], self.flops["forward_frozen"], self.flops["backward_frozen"],
+                     self.flops["forward_trainable"] + self.flops["backward_trainable"])
 
     # ---------------------------------------------------------------- data
     def _loader(self, *, train: bool, epoch: int, resume: dict | None = None):
@@ -181,6 +188,7 @@ class Trainer:
         out = {**sums, "lr": self.optimizer.param_groups[0]["lr"], "time/step_s": step_time,
                "time/data_s": data_time, "throughput/samples_per_s": self.cfg.train.global_batch / step_time,
                "train/nonfinite_steps": self.bad_total, "memory/peak_mb": peak_memory_mb()}
+        out.update(throughput_metrics(self.flops, step_time_s=step_time, world_size=self.world, peak=self.peak_flops))
         counts = window.counts
         for name, layer in sparse_layers(self.engine.module).items():
             for k in range(layer.num_experts):

@@ -59,6 +59,12 @@ def test_tensorboard_scalars(full_run):
                 "memory/peak_mb", "eval/top1", "eval/merged_vs_stochastic_l1", "data/skipped_corrupt"):
         assert tag in tags, tag
     assert any(t.startswith("experts/") for t in tags)
+    # FLOPs per GPU per second follow from the step's FLOPs and its measured time
+    step_time = {e.step: e.value for e in acc.Scalars("time/step_s")}
+    tflops = {e.step: e.value for e in acc.Scalars("perf/tflops_per_s_per_gpu")}
+    per_step = {s: tflops[s] * 1e12 * step_time[s] * 2 for s in tflops}  # 2 ranks
+    values = list(per_step.values())
+    assert values and min(values) > 0 and max(values) / min(values) - 1 < 1e-4
     lr = {e.step: e.value for e in acc.Scalars("lr")}
     assert lr[5] == pytest.approx(1e-2 * (0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 27)).item())), rel=1e-5)
     assert [e.step for e in acc.Scalars("eval/top1")] == [15, 30]
