@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mosa_scale.adapters.config import AdapterConfig
 from mosa_scale.backbones.base import BackboneConfig
@@ -164,12 +164,32 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, w
     p = Problems()
     data = load_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides, p))
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    hints = typing.get_type_hints(RunConfig)
-    for key in data:
-        if key not in sections:
-            p.unknown(key, sections)
-    built = {name: build_dataclass(hints[name], data.get(name), name, p) for name in sections}
+    built = _build_sections(data, p)
     check_run(types.SimpleNamespace(**built), world_size, p)  # type: ignore[arg-type]
     p.raise_if_any()
     return RunConfig(**built)
+
+
+def run_config_from_plain(data: Mapping[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from its plain form (a run's config.yaml, an adapter manifest's
+    ``config``): every section type-checked and validated, without the training-only cross
+    checks of :func:`load_run_config` (batch arithmetic, the ZeRO file existing here).
+
+    Raises:
+        ConfigError: listing every problem.
+    """
+    p = Problems()
+    built = _build_sections(data, p)
+    p.raise_if_any()
+    return RunConfig(**built)
+
+
+def _build_sections(data: Mapping[str, Any], p: Problems) -> dict[str, Any]:
+    """Each RunConfig section built from ``data``; unknown top-level keys and every section's
+    problems recorded in ``p``."""
+    hints = typing.get_type_hints(RunConfig)
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in data:
+        if key not in sections:
+            p.unknown(key, sections)
+    return {name: build_dataclass(hints[name], data.get(name), name, p) for name in sections}

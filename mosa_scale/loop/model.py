@@ -31,15 +31,22 @@ class AdaptedClassifier(nn.Module):
 
 def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int,
                 meta: bool = False) -> tuple[AdaptedClassifier, Backbone, InjectionReport]:
-    """Builds the frozen backbone, injects the configured adapters and adds the head."""
-    if cfg.head.kind == "zeroshot":
-        from mosa_scale.backbones import build_openclip_zeroshot
+    """Builds the frozen backbone, injects the configured adapters and adds the head.
 
-        backbone, head = build_openclip_zeroshot(cfg.model, list(cfg.head.class_names or ()))
-    else:
-        backbone = build_backbone(cfg.model, meta=meta)
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        head = build_head("linear", backbone.width, num_classes, generator=gen)
+    Everything random here is a function of the config: a random-init tower is drawn under
+    ``torch.manual_seed(train.seed)`` (the caller's RNG state is left as it was), so every rank,
+    a resumed run and a later evaluation rebuild the same tower.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)
+        if cfg.head.kind == "zeroshot":
+            from mosa_scale.backbones import build_openclip_zeroshot
+
+            backbone, head = build_openclip_zeroshot(cfg.model, list(cfg.head.class_names or ()))
+        else:
+            backbone = build_backbone(cfg.model, meta=meta)
+            gen = torch.Generator().manual_seed(cfg.train.seed)
+            head = build_head("linear", backbone.width, num_classes, generator=gen)
     report = inject_adapters(backbone.model, backbone.sites, cfg.adapter, router=router, width=_stream_width(backbone))
     return AdaptedClassifier(backbone.model, head), backbone, report
 
