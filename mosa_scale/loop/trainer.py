@@ -94,6 +94,7 @@ class Trainer:
         self.engine = initialize(model, self.optimizer, sched, deepspeed_config(cfg, self.world))
         self.device = self.engine.device
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.sparse = sparse_layers(model)
         self.flops = step_flops(model, self.backbone, image_size=cfg.data.image_size or self.backbone.image.size,
                                 global_batch=cfg.train.global_batch, consistency=cfg.consistency.enabled)
         self.peak_flops = peak_flops(self.device, cfg.train.precision)
@@ -190,7 +191,7 @@ class Trainer:
                "train/nonfinite_steps": self.bad_total, "memory/peak_mb": peak_memory_mb()}
         out.update(throughput_metrics(self.flops, step_time_s=step_time, world_size=self.world, peak=self.peak_flops))
         counts = window.counts
-        for name, layer in sparse_layers(self.engine.module).items():
+        for name, layer in self.sparse.items():
             for k in range(layer.num_experts):
                 out[f"experts/{name}/{k}"] = float(counts[layer.route_id, k])
         totals = all_reduce_sum([float(v) for v in self.skipped.values()])  # every rank's losses
@@ -211,7 +212,7 @@ class Trainer:
         limit = self.cfg.train.eval_batches
         for i, batch in enumerate(self._loader(train=False, epoch=0)):
             if limit is not None and i >= limit:
-                continue  # keep iterating so workers end cleanly; every rank has the same count
+                break  # every rank stops at the same batch (equal batch counts per rank)
             x, y = batch["image"].to(self.device), batch["label"].to(self.device)
             valid = y != IGNORE_INDEX
             logits = self.engine(x)
