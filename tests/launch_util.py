@@ -19,7 +19,10 @@ def free_port() -> int:
 
 
 def launch_env() -> dict[str, str]:
+    # a private build cache: DeepSpeed JIT-builds its CPU comm op once per checkout instead of
+    # rebuilding whenever another checkout on the machine built it with other flags
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return env
 

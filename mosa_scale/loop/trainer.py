@@ -97,7 +97,9 @@ class Trainer:
         self.sparse = sparse_layers(model)
         self.flops = step_flops(model, self.backbone, image_size=cfg.data.image_size or self.backbone.image.size,
                                 global_batch=cfg.train.global_batch, consistency=cfg.consistency.enabled)
-        self.peak_flops = peak_flops(self.device, cfg.train.precision)
+        # most FLOPs run in the frozen tower, so its precision sets the peak when training is fp32
+        self.peak_flops = peak_flops(self.device, cfg.model.precision if cfg.train.precision == "fp32"
+                                     else cfg.train.precision)
         self.metrics = MetricLogger(self.run_dir, self.rank)
         self.step, self.epoch, self.data_state, self.bad_in_row, self.bad_total = 0, 0, None, 0, 0
         self.skipped = {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}
