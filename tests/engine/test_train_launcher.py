@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -167,3 +168,18 @@ def test_nonfinite_losses_stop_the_run_after_max_bad_steps(tmp_path):
     assert proc.returncode != 0
     assert "3 optimizer steps in a row had a non-finite loss (train.max_bad_steps=3)" in proc.stderr
     assert not (run / "adapter" / "adapter.safetensors").exists()
+
+
+def test_torchrun_launch_trains_the_same_adapter(full_run, tmp_path):
+    from launch_util import free_port
+
+    run_a, _ = full_run
+    run_b = tmp_path / "torchrun"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(TRAIN),
+                           *train_args(run_b)], cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(run_a / "adapter" / "adapter.safetensors"))
+    b = load_file(str(run_b / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
