@@ -7,20 +7,17 @@ has a gradient (copies not used this step have grad None).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mosa_scale.adapters import AdapterConfig, inject_adapters
+from mosa_scale.adapters import AdapterConfig
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict
 from mosa_scale.optim import MoSAAdamW, sparse_layers
-from mosa_scale.sparse import Router, SparseExpertLinear
 from mosa_reference import build_pair, max_gap, ref_optimizer
-from tiny_models import Classifier, batches, make_tower
+from tiny_models import batches
 
 log = logging.getLogger(__name__)
 LR, WD, STEPS = 1e-2, 0.05, 20
