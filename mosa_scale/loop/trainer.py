@@ -17,7 +17,7 @@ import yaml
 from tqdm import tqdm
 
 from mosa_scale.backbones import enable_gradient_checkpointing
-from mosa_scale.ckpt import merge_state_dict, write_adapter
+from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter
 from mosa_scale.config.loader import to_plain
 from mosa_scale.config.run import RunConfig
 from mosa_scale.data import IGNORE_INDEX, DataSpec, build_loader, make_shards
@@ -255,8 +255,9 @@ class Trainer:
     def merged_adapter(self) -> dict[str, torch.Tensor]:
         """The merged dense adapter (all ranks take part: fp32 values are gathered under ZeRO)."""
         state = full_fp32_params(self.engine, self.trainable)
-        buffers = {n: b.detach().cpu() for n, b in self.engine.module.named_buffers()
-                   if n in self.engine.module.state_dict() and any(p.startswith("mosa_") for p in n.split("."))}
+        # persistent adapter buffers (partition, W0, decay factors) by the one name contract;
+        # the full fp32 parameter values replace the (possibly partitioned) module copies
+        buffers = {n: t.cpu() for n, t in adapter_state_dict(self.engine.module).items() if n not in state}
         return merge_state_dict({**buffers, **state})
 
     def write_adapter(self) -> Path | None:
