@@ -52,6 +52,26 @@ class SkipCounts:
         return out
 
 
+def _group_samples(items: Iterator[dict], url: str) -> Iterator[RawSample]:
+    """Tar members grouped into samples by key (consecutive members sharing a key); an error
+    from the tar stream propagates, dropping the sample being assembled."""
+    current: RawSample | None = None
+    for item in items:
+        key, suffix = base_plus_ext(item["fname"])
+        if key is None:
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        suffix = suffix.lower()
+        if suffix in current:
+            current["__error__"] = f"duplicate field {suffix!r}"
+        current[suffix] = item["data"]
+    if current is not None:
+        yield current
+
+
 def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[RawSample]:
     """Yield the complete samples of one shard; count what is lost instead of raising.
 
@@ -69,7 +89,6 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
     """
     yielded = extra = 0
     error: BaseException | None = None
-    current: RawSample | None = None
     try:
         stream = gopen(url, "rb")
     except _SHARD_ERRORS as exn:
@@ -77,26 +96,10 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
     if stream is not None:
         complete = False
         try:
-            for item in tar_file_iterator(stream, handler=reraise_exception):
-                key, suffix = base_plus_ext(item["fname"])
-                if key is None:
-                    continue
-                if current is None or key != current["__key__"]:
-                    if current is not None:
-                        if expected is None or yielded < expected:
-                            yielded += 1
-                            yield current
-                        else:
-                            extra += 1
-                    current = {"__key__": key, "__url__": url}
-                suffix = suffix.lower()
-                if suffix in current:
-                    current["__error__"] = f"duplicate field {suffix!r}"
-                current[suffix] = item["data"]
-            if current is not None:
+            for sample in _group_samples(tar_file_iterator(stream, handler=reraise_exception), url):
                 if expected is None or yielded < expected:
                     yielded += 1
-                    yield current
+                    yield sample
                 else:
                     extra += 1
             complete = True
