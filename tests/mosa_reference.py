@@ -67,14 +67,14 @@ def build_pair(cfg: AdapterConfig, *, fused: bool = False):
     return model, ref, refs, router, frozen
 
 
-def ref_optimizer(ref: nn.Module, refs: dict, lr: float = LR, wd: float = WD) -> torch.optim.AdamW:
+def ref_optimizer(ref: nn.Module, refs: dict, lr: float = LR, wd: float = WD, eps: float = 1e-8) -> torch.optim.AdamW:
     copies = {id(p) for r in refs.values() for p in r.parameters()}
     decay = [p for n, p in ref.named_parameters() if p.requires_grad and id(p) not in copies and p.ndim >= 2]
     no_decay = [p for n, p in ref.named_parameters() if p.requires_grad and id(p) not in copies and p.ndim < 2]
     w = [p for r in refs.values() for p in r.weights]
     b = [p for r in refs.values() if r.biases is not None for p in r.biases]
     groups = [{"params": decay + w, "weight_decay": wd}, {"params": no_decay + b, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, eps=eps)
 
 
 def max_gap(model, ref, refs) -> float:

@@ -38,6 +38,7 @@ from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, read_adapter, write_
 from mosa_scale.ckpt.merge import merge_state_dict
 from mosa_scale.config.loader import load_yaml, to_plain
 from mosa_scale.config.run import RunConfig, run_config_from_plain
+from mosa_scale.sparse.layout import layer_prefixes, legacy_layers, read_layer, to_current_layout
 from mosa_scale.sparse.partition import partition
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,14 @@ class ZeroCheckpoint:
     files: dict[str, int] = field(default_factory=dict)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers selected by the adapter-name contract (the unmerged state)."""
-        return {k: v for k, v in {**self.buffers, **self.params}.items() if is_adapter_name(k)}
+        """Parameters and buffers selected by the adapter-name contract (the unmerged state), in
+        the current MoSA layout (a legacy one-parameter-per-expert checkpoint is converted)."""
+        return to_current_layout({k: v for k, v in {**self.buffers, **self.params}.items() if is_adapter_name(k)})
+
+    @property
+    def legacy_layout(self) -> bool:
+        """Written by a mosa_scale that kept one parameter (and param group) per expert slice."""
+        return bool(legacy_layers({**self.buffers, **self.params}))
 
 
 def _natural(p: Path) -> list[Any]:
@@ -327,6 +334,28 @@ def read_zero_checkpoint(path: str | Path, *, tag: str | None = None) -> ZeroChe
                           group_steps=group_steps, files={f.name: f.stat().st_size for f in sorted(d.iterdir())})
 
 
+def refuse_legacy_layout(tag_dir: str | Path) -> None:
+    """Refuses to resume a checkpoint written in the legacy MoSA layout (one parameter and one param
+    group per expert slice): its optimizer state cannot be mapped onto two param groups, and DeepSpeed
+    would load it without noticing. Offline tools still read it (:meth:`ZeroCheckpoint.trained_state`).
+
+    Raises:
+        CheckpointError: naming the checkpoint and what to do instead.
+    """
+    d = Path(tag_dir)
+    files = sorted(d.glob("*_model_states.pt"), key=_natural)
+    if not files:
+        return  # nothing to check here; the loader reports missing files
+    module = load_weights_only(files[0]).get("module") or {}
+    legacy = legacy_layers(module)
+    if legacy:
+        raise CheckpointError(
+            f"{d}: written by an older mosa_scale that kept one parameter and one optimizer param group per expert "
+            f"slice ({len(legacy)} MoSA layers, e.g. {legacy[0]}); this version cannot resume it. Its adapter is "
+            "still readable: `python tools/merge_adapter.py RUN_DIR --out DIR` writes the merged adapter; start a new "
+            "run directory to train again")
+
+
 # ---------------------------------------------------------------------------- checks
 def load_config_file(path: str | Path) -> RunConfig:
     """A run config YAML (e.g. RUN/config.yaml), validated section by section.
@@ -357,26 +386,23 @@ def config_differences(reference: RunConfig, given: RunConfig, *, fields: Sequen
     return [f"{k}: {names[0]} {a.get(k)!r}, {names[1]} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def mosa_layer_prefixes(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Qualified names of the MoSA layers in a state (found by their ``assign`` buffer)."""
-    return sorted(k[: -len(".assign")] for k in state if k.endswith(".assign") and not k.endswith(".bias_assign"))
-
-
 def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> list[str]:
     """Recomputes every MoSA layer's seeded partition from (adapter.seed, name, mode, N) and
     compares it with the saved ``assign`` (and ``bias_assign``) buffers."""
     a = cfg.adapter
     out = []
-    for p in mosa_layer_prefixes(state):
+    for p in layer_prefixes(state):
         name = p[len(TOWER_PREFIX):] if p.startswith(TOWER_PREFIX) else p
-        n = 0
-        while f"{p}.slice{n}" in state:
-            n += 1
-        dims = tuple(int(x) for x in state[f"{p}.dims"]) if f"{p}.dims" in state else None
-        if n < 2 or dims is None:
-            out.append(f"{p}: incomplete MoSA layer ({n} slices, dims {'missing' if dims is None else dims})")
+        try:
+            layer = read_layer(state, p)
+        except (KeyError, ValueError) as e:
+            out.append(f"{p}: {str(e).strip(chr(39))}")
             continue
-        saved = state[f"{p}.assign"].reshape(-1)
+        n, dims = layer.num_experts, layer.dims
+        if n < 2:
+            out.append(f"{p}: incomplete MoSA layer ({n} experts)")
+            continue
+        saved = layer.assign
         try:
             expected = partition(dims, n, seed=a.seed, name=f"{name}.weight", mode=a.mode).reshape(-1)
         except ValueError as e:
@@ -386,12 +412,12 @@ def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> 
             bad = int((saved.to(expected.dtype) != expected).sum())
             out.append(f"{p}: partition differs in {bad} of {expected.numel()} entries from the one adapter.seed="
                        f"{a.seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)")
-        has_split_bias = f"{p}.bias_assign" in state
-        if has_split_bias != a.split_bias and f"{p}.bias0" in state:
+        has_split_bias = layer.bias_assign is not None
+        if has_split_bias != a.split_bias and layer.biases is not None:
             out.append(f"{p}: adapter.split_bias: config {a.split_bias}, checkpoint {has_split_bias}")
         elif has_split_bias:
             eb = partition((dims[0],), n, seed=a.seed, name=f"{name}.bias", mode="all")
-            if not torch.equal(state[f"{p}.bias_assign"].to(eb.dtype), eb):
+            if not torch.equal(layer.bias_assign.to(eb.dtype), eb):
                 out.append(f"{p}: bias partition differs from the one adapter.seed={a.seed}, N={n} give")
     return out
 
@@ -493,7 +519,10 @@ def check_checkpoint(ckpt: ZeroCheckpoint, cfg: RunConfig, *, run_cfg: RunConfig
     diffs += router_differences(ckpt.router, cfg)
     state = ckpt.trained_state()
     if skeleton is not None:
-        diffs += structure_differences(skeleton.shapes, {k: tuple(v.shape) for k, v in state.items()})
+        expected = skeleton.shapes
+        if ckpt.legacy_layout:  # the legacy layout kept per-expert step counts in the optimizer, not the model
+            expected = {k: v for k, v in expected.items() if not k.endswith(".steps")}
+        diffs += structure_differences(expected, {k: tuple(v.shape) for k, v in state.items()})
     diffs += partition_differences(state, cfg)
     head = state.get(f"{HEAD_PREFIX}weight")
     if head is not None and cfg.data.num_classes is not None and head.shape[0] != cfg.data.num_classes:

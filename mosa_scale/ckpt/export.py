@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PEFT_CONFIG, PEFT_WEIGHTS, HEAD_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "head.safetensors"
 _LORA_A = re.compile(r"^tower\.(?P<prefix>[^.]+)\.(?P<path>.+)\.mosa_lora(?:_(?P<slot>[qv]))?\.a\.weight$")
-_MOSA_TENSOR = re.compile(r"\.(slice\d+|assign|decay|dims)$")
+_MOSA_TENSOR = re.compile(r"\.(slices|slice\d+|assign|decay|dims|steps)$")
 
 
 def load_merged(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RunConfig]:

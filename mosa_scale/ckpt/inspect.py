@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, read_adapter
-from mosa_scale.ckpt.consolidate import mosa_layer_prefixes, load_weights_only, read_zero_checkpoint
+from mosa_scale.ckpt.consolidate import load_weights_only, read_zero_checkpoint
+from mosa_scale.sparse.layout import layer_prefixes, read_layer
 
 log = logging.getLogger(__name__)
 RANK_STATE = "rank*_state.pt"  # per-rank RNG + data position (numpy objects): listed, not unpickled
@@ -27,32 +28,32 @@ def tensor_table(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]
 
 def partition_stats(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """Per MoSA layer: N, entries, entries per expert (sizes differ by at most one when the
-    partition is sound), decay factors s_k and how biases are held."""
+    partition is sound), decay factors s_k, optimizer steps per expert and how biases are held."""
     out = {}
-    for p in mosa_layer_prefixes(state):
-        assign = state[f"{p}.assign"].reshape(-1).long()
-        n = 0
-        while f"{p}.slice{n}" in state:
-            n += 1
-        sizes = torch.bincount(assign, minlength=n).tolist()
-        slices = [state[f"{p}.slice{k}"].numel() for k in range(n)]
-        out[p] = {"experts": n, "dims": [int(x) for x in state[f"{p}.dims"]] if f"{p}.dims" in state else None,
-                  "entries": assign.numel(), "entries_per_expert": sizes,
-                  "balanced": max(sizes) - min(sizes) <= 1, "slices_match_partition": slices == sizes[:n],
-                  "decay": [float(x) for x in state[f"{p}.decay"]] if f"{p}.decay" in state else None,
-                  "bias": "split" if f"{p}.bias_assign" in state else ("per-expert" if f"{p}.bias0" in state else None),
-                  "w0": "zero" if state[f"{p}.base"].numel() == 0 else "stored"}
+    for p in layer_prefixes(state):
+        layer = read_layer(state, p)
+        n = layer.num_experts
+        sizes = torch.bincount(layer.assign.long(), minlength=n).tolist()
+        out[p] = {"experts": n, "dims": list(layer.dims), "entries": layer.assign.numel(), "entries_per_expert": sizes,
+                  "balanced": max(sizes) - min(sizes) <= 1, "slices_match_partition": layer.slices.numel() == sum(sizes),
+                  "decay": [float(x) for x in layer.decay],
+                  "steps": None if layer.steps is None else [int(x) for x in layer.steps],
+                  "bias": None if layer.biases is None else ("split" if layer.bias_assign is not None else "per-expert"),
+                  "w0": "zero" if layer.base.numel() == 0 else "stored"}
     return out
 
 
-def expert_activations(group_steps: Mapping[str, int]) -> dict[str, list[int]]:
-    """Optimizer steps in which each expert was active (a slice's group steps only then), per layer."""
-    out: dict[str, dict[int, int]] = {}
+def expert_activations(state: Mapping[str, torch.Tensor], group_steps: Mapping[str, int]) -> dict[str, list[int]]:
+    """Optimizer steps each expert took, per layer: the layers' ``steps`` buffers; for a checkpoint in
+    the legacy layout (one param group per slice) the steps of each slice's group."""
+    out = {p: [int(x) for x in state[f"{p}.steps"]] for p in layer_prefixes(state) if f"{p}.steps" in state}
+    legacy: dict[str, dict[int, int]] = {}
     for name, steps in group_steps.items():
         layer, _, leaf = name.rpartition(".")
         if leaf.startswith("slice") and leaf[5:].isdigit():
-            out.setdefault(layer, {})[int(leaf[5:])] = int(steps)
-    return {layer: [ks[k] for k in sorted(ks)] for layer, ks in sorted(out.items())}
+            legacy.setdefault(layer, {})[int(leaf[5:])] = int(steps)
+    out.update({layer: [ks[k] for k in sorted(ks)] for layer, ks in legacy.items() if layer not in out})
+    return dict(sorted(out.items()))
 
 
 def _counts(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -84,7 +85,7 @@ def inspect_deepspeed(path: str | Path, tag: str | None = None) -> dict[str, Any
             "counts": {"trainable_values": sum(v.numel() for v in ck.params.values()),
                        "trainable_tensors": len(ck.params), "buffer_tensors": len(ck.buffers),
                        "head_values": sum(v.numel() for k, v in ck.params.items() if k.startswith("mosa_head."))},
-            "partitions": partition_stats(state), "expert_activations": expert_activations(ck.group_steps),
+            "partitions": partition_stats(state), "expert_activations": expert_activations(state, ck.group_steps),
             "tensors": tensor_table({**ck.buffers, **ck.params})}
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from mosa_scale.adapters.factory import is_adapter_name
+from mosa_scale.sparse.layout import layer_keys, layer_prefixes, read_layer
 from mosa_scale.sparse.linear import merged_weight_and_bias
-
-_MOSA_KEY = re.compile(r"^(slice\d+|bias\d+|base|assign|decay|dims|bias_assign)$")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -22,35 +20,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Merges every MoSA layer in ``state`` into ``weight``/``bias``; other tensors pass through.
 
-    A pure function of the trained state: each layer ``P`` is found by its ``P.assign`` buffer,
-    with slices ``P.slice{k}``, biases ``P.bias{k}``, ``P.base``, ``P.decay`` and ``P.dims``.
+    A pure function of the trained state: each layer ``P`` is found by its ``P.assign`` buffer and
+    read through :func:`mosa_scale.sparse.layout.read_layer` (the saved form's one home; layers
+    saved in the legacy one-parameter-per-expert layout are read too).
 
     Raises:
         KeyError: naming the missing tensor when a MoSA layer is incomplete.
+        ValueError: when a layer's tensors disagree in size.
     """
-    prefixes = sorted(k[: -len(".assign")] for k in state if k.endswith(".assign") and not k.endswith(".bias_assign"))
     out: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
-    for p in prefixes:
-        n = 0
-        while f"{p}.slice{n}" in state:
-            n += 1
-        need = [f"{p}.{x}" for x in ("base", "decay", "dims")] + [f"{p}.slice0"]
-        missing = [k for k in need if k not in state]
-        if missing:
-            raise KeyError(f"MoSA layer {p!r} is incomplete: missing {', '.join(missing)}")
-        has_bias = f"{p}.bias0" in state
-        dims = tuple(int(d) for d in state[f"{p}.dims"])
-        weight, bias = merged_weight_and_bias(
-            [state[f"{p}.slice{k}"] for k in range(n)],
-            [state[f"{p}.bias{k}"] for k in range(n)] if has_bias else None,
-            base=state[f"{p}.base"], assign=state[f"{p}.assign"].reshape(-1), decay=state[f"{p}.decay"],
-            dims=(dims[0], dims[1]), bias_assign=state.get(f"{p}.bias_assign"),
-        )
+    for p in layer_prefixes(state):
+        layer = read_layer(state, p)
+        weight, bias = merged_weight_and_bias(layer.slices, layer.biases, base=layer.base, assign=layer.assign,
+                                              decay=layer.decay, dims=layer.dims, bias_assign=layer.bias_assign)
         out[f"{p}.weight"] = weight
         if bias is not None:
             out[f"{p}.bias"] = bias
-        consumed.update(k for k in state if k.startswith(p + ".") and _MOSA_KEY.match(k[len(p) + 1:]))
+        consumed.update(layer_keys(state, p))
     for k, v in state.items():
         if k not in consumed:
             out[k] = v.detach().float().clone() if v.is_floating_point() else v.detach().clone()

@@ -48,9 +48,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW (MOSA_SPEC section 7) with linear warm-up then cosine decay, per optimizer step."""
+    """AdamW (MOSA_SPEC section 7) with linear warm-up then cosine decay, per optimizer step.
+
+    ``inactive`` is how an expert slice that no unit used this step is treated (MOSA_SPEC
+    section 4): ``skip`` leaves it untouched (the N-copies reference under torch >= 2, where an
+    unused copy has no gradient); ``coast`` steps it with a zero gradient from its first use on, as
+    the authors' published runs did under PyTorch 1.11 (stale momentum keeps moving it, weight
+    decay shrinks it)."""
 
     lr: float = 1e-3
+    inactive: Literal["skip", "coast"] = "skip"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6

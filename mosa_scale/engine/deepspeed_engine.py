@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from mosa_scale.config.errors import ConfigError
 from mosa_scale.config.run import REPO_ROOT, RunConfig
+from mosa_scale.optim import MoSAAdamW
+from mosa_scale.optim.adamw import Fragment
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
 
     DeepSpeed casts the whole module (buffers included) to bf16/fp16; the MoSA buffers (W0, the
     partition, the decay factors s_k) are put back in full precision afterwards, so merges and the
-    off-mask weight decay stay exact.
+    off-mask weight decay stay exact. A :class:`~mosa_scale.optim.MoSAAdamW` is then bound to the
+    fp32 partitions ZeRO hands it (:func:`bind_optimizer`).
     """
     from mosa_scale.sparse import SparseExpertLinear
 
@@ -90,7 +93,86 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
             for name, buf in list(m.named_buffers(recurse=False)):
                 if (id(m), name) in keep:
                     setattr(m, name, keep[(id(m), name)].to(buf.device))
+    if isinstance(optimizer, MoSAAdamW):
+        bind_optimizer(engine, optimizer)
     return engine
+
+
+def optimizer_fragments(engine: Any) -> list[tuple[torch.Tensor, list[Any]]] | None:
+    """Every tensor DeepSpeed's ZeRO wrapper hands the client optimizer, with the pieces of model
+    parameters it holds; None when the client optimizer steps the parameters themselves.
+
+    ZeRO-1/2 and the bf16 optimizer link each parameter to its fragment of the rank's flat fp32
+    partition (``param._hp_mapping``); ZeRO-3 concatenates every parameter's own partition
+    (``ds_tensor``: elements ``[rank * size, (rank + 1) * size)``) per sub-group; the fp16
+    optimizer keeps one unpartitioned flat copy per group.
+
+    Raises:
+        RuntimeError: for a wrapper whose layout is not known (e.g. NVMe optimizer offload).
+    """
+    zo = engine.optimizer
+    if isinstance(zo, torch.optim.Optimizer) and not hasattr(zo, "optimizer"):
+        return None  # ZeRO-0 fp32: the client optimizer steps the module's parameters
+    targets: list[tuple[torch.Tensor, list[Any]]] = []
+    if hasattr(zo, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for i, flat in enumerate(zo.fp32_partitioned_groups_flat):
+            frags, offset = [], 0
+            for p in zo.fp16_groups[i]:
+                size = int(p.partition_numel())
+                start = size * dist.get_rank(group=p.ds_process_group)
+                n = max(0, min(size, int(p.ds_numel) - start))
+                if n:
+                    frags.append(Fragment(p, start, offset, n))
+                offset += size
+            if flat.numel() != offset:
+                raise RuntimeError(f"ZeRO-3 sub-group {i}: {flat.numel()} fp32 values for {offset} partitioned ones "
+                                   "(NVMe optimizer offload is not supported with MoSA adapters)")
+            targets.append((flat, frags))
+        return targets
+    flats = getattr(zo, "single_partition_of_fp32_groups", None) or getattr(zo, "fp32_groups_flat_partition", None)
+    groups = getattr(zo, "bit16_groups", None) or getattr(zo, "bf16_groups", None)
+    if flats is not None and groups is not None:  # ZeRO-1/2, bf16 optimizer
+        for flat, params in zip(flats, groups):
+            frags = []
+            for p in params:
+                m = getattr(p, "_hp_mapping", None)
+                if m is not None:
+                    frags.append(Fragment(p, int(m.lp_fragment_address.start), int(m.hp_fragment_address.start),
+                                          int(m.hp_fragment_address.numel)))
+            targets.append((flat, frags))
+        return targets
+    if hasattr(zo, "fp32_groups_flat") and hasattr(zo, "fp16_groups"):  # fp16 optimizer, ZeRO-0
+        for flat, params in zip(zo.fp32_groups_flat, zo.fp16_groups):
+            frags, offset = [], 0
+            for p in params:
+                frags.append(Fragment(p, 0, offset, p.numel()))
+                offset += p.numel()
+            targets.append((flat, frags))
+        return targets
+    raise RuntimeError(f"{type(zo).__name__}: unknown DeepSpeed optimizer wrapper; MoSA adapters cannot locate "
+                       "their expert slices in its fp32 partitions")
+
+
+def bind_optimizer(engine: Any, optimizer: Any) -> None:
+    """Tells the client :class:`~mosa_scale.optim.MoSAAdamW` where every parameter's values sit in
+    the tensors DeepSpeed will have it step, after checking each fragment holds that parameter's
+    values (a wrong map would step the wrong experts silently)."""
+    targets = optimizer_fragments(engine)
+    if targets is None:
+        return
+    for flat, frags in targets:
+        for f in frags:
+            mine = flat.detach().narrow(0, f.target_start, f.numel)
+            local = f.param.ds_tensor.detach().reshape(-1) if hasattr(f.param, "ds_tensor") else None
+            if local is not None:  # ZeRO-3: the piece is this rank's partition of the parameter
+                theirs = local.narrow(0, 0, f.numel)
+            else:
+                theirs = f.param.detach().reshape(-1).narrow(0, f.param_start, f.numel)
+            if not torch.equal(mine.to(theirs.dtype), theirs):
+                raise RuntimeError(f"optimizer binding: a fragment of {f.numel} values at {f.target_start} does not "
+                                   "hold its parameter's values; this DeepSpeed version lays out partitions "
+                                   "differently than mosa_scale expects")
+    optimizer.bind(targets)
 
 
 def full_fp32_params(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:

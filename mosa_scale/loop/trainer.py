@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mosa_scale.backbones import enable_gradient_checkpointing
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter
+from mosa_scale.ckpt.consolidate import refuse_legacy_layout
 from mosa_scale.config.loader import to_plain
 from mosa_scale.config.run import RunConfig
 from mosa_scale.data import IGNORE_INDEX, DataSpec, build_loader, make_shards
@@ -88,7 +89,7 @@ class Trainer:
             enable_gradient_checkpointing(self.backbone, self.router.checkpoint)
         o = cfg.optim
         self.optimizer = MoSAAdamW.for_model(model, router=self.router, weight_decay=o.weight_decay, lr=o.lr,
-                                             betas=o.betas, eps=o.eps)
+                                             betas=o.betas, eps=o.eps, inactive=o.inactive)
         sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(
             s, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
         self.engine = initialize(model, self.optimizer, sched, deepspeed_config(cfg, self.world))
@@ -240,6 +241,9 @@ class Trainer:
                   rank_state={"rng": ckpt.rng_state(), "data": self.data_state, "epoch": self.epoch})
 
     def maybe_resume(self) -> None:
+        tag = ckpt.latest_tag(self.ckpt_dir)
+        if tag is not None:
+            refuse_legacy_layout(self.ckpt_dir / tag)
         loaded = ckpt.load(self.engine, self.ckpt_dir)
         if loaded is None:
             return

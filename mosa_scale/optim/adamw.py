@@ -1,80 +1,310 @@
-"""AdamW that trains MoSA slices exactly like the N-copies reference (MOSA_SPEC section 4)."""
+"""AdamW that trains MoSA experts exactly like the N-copies reference (MOSA_SPEC section 4) while
+keeping the param groups of a dense adapter.
+
+A MoSA layer holds all its experts in one tensor (:mod:`mosa_scale.sparse.layout`); DeepSpeed
+flattens the groups and hands the optimizer one flat fp32 partition per group (ZeRO-1/2) or
+sub-group (ZeRO-3). The optimizer knows, for every tensor it steps, which element ranges belong to
+which (layer, expert) slice (:meth:`MoSAAdamW.bind`; a model parameter stepped directly needs no
+binding), and steps a slice's elements only when the update semantics say the reference copy
+steps:
+
+* ``skip``: a slice no unit used this step is untouched (values, both moments, its step count
+  and s_k): the reference where an unused copy has ``grad = None`` (torch >= 2 ``zero_grad``).
+* ``coast``: the authors' published runs (PyTorch 1.11, ``zero_grad()`` left zero tensors): from
+  its first use on, a slice steps every step, with a zero gradient when not chosen; its stale
+  moments keep moving it and weight decay shrinks it (s_k too).
+
+Each slice's bias correction uses its own step count (the layer's ``steps`` buffer), and the
+layer's ``decay`` buffer s_k follows what decoupled weight decay does to the off-mask W0 entries
+of the reference copy. Both buffers are replicated on every rank and advanced once per optimizer
+step, so they are identical everywhere and are saved with the model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from mosa_scale.sparse.linear import SparseExpertLinear
-from mosa_scale.sparse.routing import Router
+from mosa_scale.sparse.routing import Router, Window
+
+Inactive = Literal["skip", "coast"]
 
 
-class MoSAAdamW(torch.optim.AdamW):
-    """``torch.optim.AdamW`` that leaves a slice untouched when no rank used it this step.
+class Fragment(NamedTuple):
+    """Where a piece of a model parameter sits in a tensor the optimizer steps.
 
-    A slice group whose ``mosa_key`` is not in ``router.active_slices()`` is hidden from the
-    step: its values, moments and step count stay bit-identical, so bias correction counts the
-    steps a slice was active, as the reference's per-copy AdamW does. When an active weight slice
-    is stepped with weight decay, its layer's factor ``s_k`` is multiplied by ``1 - lr * wd``:
-    that is what the reference's decoupled decay does to the off-mask entries of the active copy.
+    Attributes:
+        param: The model parameter.
+        param_start: First element of the piece in the parameter's flat values.
+        target_start: Its first element in the stepped tensor.
+        numel: Length of the piece.
+    """
 
-    Works as DeepSpeed's client optimizer under ZeRO 0-3, which steps one group (or one ZeRO-3
-    sub-group) at a time with the group dicts kept (needs ``zero_allow_untested_optimizer``).
+    param: torch.Tensor
+    param_start: int
+    target_start: int
+    numel: int
+
+
+@dataclass
+class _Runs:
+    """A stepped tensor cut into runs: ``lengths[i]`` elements of slot ``slots[i]`` (-1 = dense)."""
+
+    lengths: torch.Tensor  # (R,) int64
+    slots: torch.Tensor  # (R,) int64
+    numel: int
+
+
+class MoSAAdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam whose MoSA slices step as the N-copies reference's copies do.
+
+    Dense parameters (and DeepSpeed's alignment padding) step exactly as ``torch.optim.AdamW``.
+    Works as DeepSpeed's client optimizer under ZeRO 0-3 (needs ``zero_allow_untested_optimizer``);
+    after ``deepspeed.initialize`` call :func:`mosa_scale.engine.deepspeed_engine.bind_optimizer`.
 
     Args:
         params: Groups from :func:`~mosa_scale.optim.groups.build_param_groups`.
-        router: The routing of the current step; None steps every group (dense training).
-        layers: MoSA layers by route id, whose ``decay`` buffers are updated.
-        **kwargs: ``torch.optim.AdamW`` arguments.
+        router: The routing of the current step; None: every slice is used every step.
+        layers: MoSA layers by route id (their ``slices``/``biases`` must be in ``params``).
+        inactive: ``skip`` or ``coast`` (see the module docstring).
+        lr, betas, eps, weight_decay: As ``torch.optim.AdamW``.
+
+    Raises:
+        ValueError: on an unknown ``inactive`` or a MoSA parameter missing from ``params``.
     """
 
     def __init__(self, params: Any, *, router: Router | None = None,
-                 layers: dict[int, SparseExpertLinear] | None = None, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.router = router
-        self.layers = layers or {}
+                 layers: Mapping[int, SparseExpertLinear] | None = None, inactive: Inactive = "skip",
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
+        if inactive not in ("skip", "coast"):
+            raise ValueError(f"optim.inactive: got {inactive!r}; allowed values are 'skip', 'coast'")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.router, self.inactive = router, inactive
+        self.layers = [layers[r] for r in sorted(layers or {})]
         self.skip_all = False  # set for a step whose loss was not finite: nothing changes
-        self._decayed: set[tuple[int, int]] = set()
-        self._decay_window: int | None = None
+        self._own = {id(p): p for g in self.param_groups for p in g["params"]}
+        # DeepSpeed swaps ``param_groups`` while it steps one group; keep the whole list and the
+        # group index of every parameter (the lr of a layer's group sets its s_k decay)
+        self._groups = list(self.param_groups)
+        self._group_index = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._slot0: dict[int, int] = {}
+        self._layout: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # id(param) -> (first slot, ranges)
+        slot = 0
+        for layer in self.layers:
+            missing = [n for n, p in (("slices", layer.slices), ("biases", getattr(layer, "biases", None)))
+                       if p is not None and id(p) not in self._own]
+            if missing:
+                raise ValueError(f"{layer.name}: {', '.join(missing)} not in the optimizer's param groups")
+            self._slot0[layer.route_id] = slot
+            self._layout[id(layer.slices)] = (slot, list(layer.ranges))
+            if layer.has_bias:
+                self._layout[id(layer.biases)] = (slot, list(layer.bias_ranges))
+            slot += layer.num_experts
+        self.num_slots = slot
+        self._runs: dict[int, tuple[torch.Tensor, _Runs | None]] = {}
+        self._bound = False
+        self._window: Window | None | object = object()  # the routing window last advanced for
+        self._stepped = torch.ones(slot, dtype=torch.bool)
+        self._counts = torch.zeros(slot, dtype=torch.float64)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ where the slices are
+    def bind(self, targets: Iterable[tuple[torch.Tensor, Sequence[Fragment]]]) -> None:
+        """Tells the optimizer which tensors it will step and where each parameter's values are
+        in them (DeepSpeed's flat partitions). A slice may be cut between two ranks' partitions.
+
+        Raises:
+            ValueError: when fragments overlap or run past their tensor.
+        """
+        self._runs = {id(t): (t, self._build_runs(t.numel(), frags)) for t, frags in targets}
+        self._bound = True
+
+    def _build_runs(self, numel: int, fragments: Sequence[Fragment]) -> _Runs | None:
+        pieces = []
+        for f in fragments:
+            if f.target_start < 0 or f.target_start + f.numel > numel:
+                raise ValueError(f"a fragment of {f.numel} values at {f.target_start} does not fit a tensor of {numel}")
+            layout = self._layout.get(id(f.param))
+            if layout is None:
+                continue  # a dense parameter: its elements step every step
+            slot0, ranges = layout
+            lo, hi = f.param_start, f.param_start + f.numel
+            for k, (off, n) in enumerate(ranges):
+                a, b = max(off, lo), min(off + n, hi)
+                if a < b:
+                    pieces.append((f.target_start + a - lo, b - a, slot0 + k))
+        if not pieces:
+            return None
+        pieces.sort()
+        lengths, slots, pos = [], [], 0
+        for start, length, slot in pieces:
+            if start < pos:
+                raise ValueError(f"MoSA slice fragments overlap at element {start} of a stepped tensor")
+            if start > pos:
+                lengths.append(start - pos)
+                slots.append(-1)
+            lengths.append(length)
+            slots.append(slot)
+            pos = start + length
+        if pos < numel:
+            lengths.append(numel - pos)
+            slots.append(-1)
+        return _Runs(torch.tensor(lengths, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64), numel)
+
+    def slot_key(self, slot: int) -> tuple[int, int]:
+        """``(route id, expert)`` of a slot number."""
+        for layer in reversed(self.layers):
+            if slot >= self._slot0[layer.route_id]:
+                return layer.route_id, slot - self._slot0[layer.route_id]
+        raise IndexError(slot)
+
+    def expert_runs(self, tensor: torch.Tensor) -> list[tuple[tuple[int, int], int, int]]:
+        """Where the expert slices sit in a tensor this optimizer steps: ``((route, expert), start,
+        length)`` per run (an expert cut by a partition boundary has a run on each rank)."""
+        runs = self._runs_for(tensor)
+        if runs is None:
+            return []
+        out, pos = [], 0
+        for length, slot in zip(runs.lengths.tolist(), runs.slots.tolist()):
+            if slot >= 0:
+                out.append((self.slot_key(slot), pos, length))
+            pos += length
+        return out
+
+    def _runs_for(self, p: torch.Tensor) -> _Runs | None:
+        entry = self._runs.get(id(p))
+        if entry is not None and entry[0] is p:
+            return entry[1]
+        if self._own.get(id(p)) is p:  # a model parameter stepped directly (plain torch, ZeRO-0 fp32)
+            runs = self._build_runs(p.numel(), [Fragment(p, 0, 0, p.numel())])
+            self._runs[id(p)] = (p, runs)
+            return runs
+        if not self.layers:
+            return None  # dense training: every element steps every step
+        raise RuntimeError(
+            f"MoSAAdamW was asked to step a tensor of {p.numel()} values it cannot map to MoSA expert ranges"
+            + (" (bound tensors differ: was the engine rebuilt?)" if self._bound else "")
+            + "; call mosa_scale.engine.deepspeed_engine.bind_optimizer(engine, optimizer) after deepspeed.initialize")
+
+    # ------------------------------------------------------------------ per optimizer step
+    def _advance(self) -> None:
+        """Once per optimizer step (DeepSpeed calls ``step`` once per group or sub-group): which
+        slices step, their step counts and the off-mask decay factors s_k."""
+        window = self.router.window if self.router is not None else None
+        if window is not None and window is self._window:
+            return
+        self._window = window
+        if not self.layers:
+            return
+        used = window.counts > 0 if window is not None else None  # (routes, max N)
+        stepped, counts = [], []
+        for layer in self.layers:
+            n, dev = layer.num_experts, layer.steps.device
+            st = used[layer.route_id, :n].to(dev) if used is not None else torch.ones(n, dtype=torch.bool, device=dev)
+            if self.inactive == "coast":
+                st = st | (layer.steps > 0)  # a copy steps every step from its first use on
+            layer.steps.add_(st.to(layer.steps.dtype))
+            group = self._groups[self._group_index[id(layer.slices)]]
+            factor = 1.0 - float(group["lr"]) * float(group["weight_decay"])
+            if factor != 1.0:  # the reference's decoupled decay of the copy's off-mask W0 entries
+                layer.decay.copy_(torch.where(st, layer.decay * factor, layer.decay))
+            stepped.append(st)
+            counts.append(layer.steps)
+        self._stepped = torch.cat(stepped)
+        self._counts = torch.cat(counts).double()
+        self._on_device = {}
+
+    def _slot_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self._stepped.to(device), self._counts.to(device))
+        return self._on_device[device]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        active = self.router.active_slices() if self.router is not None else None
-        groups = self.param_groups
-        live = [] if self.skip_all else [
-            g for g in groups if active is None or g.get("mosa_key") is None or tuple(g["mosa_key"]) in active]
-        self.param_groups = live
-        try:
-            loss = super().step(closure)
-        finally:
-            self.param_groups = groups
-        self._decay_off_mask(live)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.skip_all:
+            return loss
+        self._advance()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
 
-    def _decay_off_mask(self, stepped: list[dict[str, Any]]) -> None:
-        window = self.router.window.step if self.router is not None and self.router.window is not None else None
-        if window != self._decay_window:  # a new optimizer step: each slice decays once in it
-            self._decayed.clear()
-            self._decay_window = window
-        for g in stepped:
-            key = g.get("mosa_key")
-            if key is None or not g.get("mosa_decay") or not g["params"] or g["weight_decay"] == 0:
-                continue
-            key = tuple(key)
-            if key in self._decayed:  # ZeRO-3 may step one group in several sub-groups
-                continue
-            self._decayed.add(key)
-            layer = self.layers[key[0]]
-            layer.decay[key[1]] *= 1 - float(g["lr"]) * float(g["weight_decay"])
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("MoSAAdamW does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        runs = self._runs_for(p)
+        g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        b1, b2 = group["betas"]
+        state["step"] += 1
+        if runs is None:  # torch.optim.AdamW's single-tensor update
+            step = float(state["step"])
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+            return
+        stepped_slots, counts = self._slot_state(p.device)
+        slots = runs.slots.to(p.device)
+        lengths = runs.lengths.to(p.device)
+        is_slice = slots >= 0
+        idx = slots.clamp(min=0)
+        stepped = torch.where(is_slice, stepped_slots[idx], True)  # (R,) dense runs always step
+        if not bool(stepped.any()):
+            return
+        count = torch.where(is_slice, counts[idx], float(state["step"]))
+        count = torch.where(stepped, count, 1.0)  # (R,) float64 bias-correction steps
+        step_size = lr / (1 - torch.pow(b1, count))
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, count))
 
+        def per_element(x: torch.Tensor) -> torch.Tensor:  # (R,) -> (numel,)
+            return torch.repeat_interleave(x, lengths, output_size=runs.numel).reshape(p.shape)
+
+        if bool(stepped.all()):
+            p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / per_element(bc2_sqrt.to(p.dtype))).add_(eps)
+            p.sub_(per_element(step_size.to(p.dtype)).mul_(m).div_(denom))
+            return
+        # only the stepped runs change; every other element (value, moments) stays bit-identical
+        mask = per_element(stepped)
+        m.copy_(torch.where(mask, torch.lerp(m, g, 1 - b1), m))
+        v.copy_(torch.where(mask, (v * b2).addcmul_(g, g, value=1 - b2), v))
+        decay = torch.where(stepped, torch.full_like(count, 1 - lr * wd), 1.0).to(p.dtype)
+        new = p * per_element(decay)
+        denom = (v.sqrt() / per_element(bc2_sqrt.to(p.dtype))).add_(eps)
+        new.sub_(per_element(step_size.to(p.dtype)).mul_(m).div_(denom))
+        p.copy_(torch.where(mask, new, p))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._groups = list(self.param_groups)  # torch builds new group dicts
+
+    # ------------------------------------------------------------------ construction
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, router: Router | None, weight_decay: float,
-                  **kwargs: Any) -> MoSAAdamW:
+                  inactive: Inactive = "skip", **kwargs: Any) -> MoSAAdamW:
         """Builds the groups of ``model`` and the optimizer over them."""
         from mosa_scale.optim.groups import build_param_groups, sparse_layers
 
         layers = {m.route_id: m for m in sparse_layers(model).values()}
         return cls(build_param_groups(model, weight_decay=weight_decay), router=router, layers=layers,
-                   weight_decay=weight_decay, **kwargs)
+                   inactive=inactive, weight_decay=weight_decay, **kwargs)

@@ -1,4 +1,4 @@
-"""Param groups: one per MoSA slice (tagged with its (route, expert) key), plus dense groups."""
+"""Param groups: the two groups a dense adapter has (decay, no decay), whatever N and the depth."""
 
 from __future__ import annotations
 
@@ -18,32 +18,26 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseExpertLinear]:
 def build_param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
     """Param groups for :class:`~mosa_scale.optim.adamw.MoSAAdamW` (and DeepSpeed's ZeRO).
 
-    Each MoSA slice is its own group so that a slice no rank used can be skipped whole: ZeRO keeps
-    group dicts (and their extra keys) and steps its flat partitions group by group. Weight decay
-    applies to matrices and weight slices; biases, bias slices and norms get none.
+    Weight decay applies to matrices and to MoSA weight values (``slices``); biases, MoSA
+    ``biases`` and norms get none. A MoSA layer's experts live inside its tensors, so the groups
+    (and ZeRO's per-group collectives) are those of the dense adapter of the same shape; the
+    optimizer steps each expert's range on its own.
 
     Returns:
-        Groups ``{"params", "weight_decay", "name"}``; slice groups add ``mosa_key`` =
-        ``(route_id, expert)`` and ``mosa_decay`` (True for weight slices, whose off-mask entries
-        the reference decays).
+        Up to two groups ``{"params", "weight_decay", "name"}``: ``decay`` and ``no_decay``.
     """
     sparse = sparse_layers(model)
-    in_sparse = {id(p) for m in sparse.values() for p in m.parameters()}
+    slices = {id(m.slices) for m in sparse.values()}
+    biases = {id(m.biases) for m in sparse.values() if m.has_bias}
     decay, no_decay = [], []
-    for name, p in trainable_named_parameters(model):
-        if id(p) not in in_sparse:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    for _, p in trainable_named_parameters(model):
+        if id(p) in slices or (id(p) not in biases and p.ndim >= 2):
+            decay.append(p)
+        else:
+            no_decay.append(p)
     groups: list[dict[str, Any]] = []
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "name": "dense_decay"})
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "dense_no_decay"})
-    for name, layer in sparse.items():
-        for k in range(layer.num_experts):
-            key = (layer.route_id, k)
-            groups.append({"params": [getattr(layer, f"slice{k}")], "weight_decay": weight_decay,
-                           "name": f"{name}.slice{k}", "mosa_key": key, "mosa_decay": True})
-            if layer.has_bias:
-                groups.append({"params": [getattr(layer, f"bias{k}")], "weight_decay": 0.0,
-                               "name": f"{name}.bias{k}", "mosa_key": key, "mosa_decay": False})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     return groups

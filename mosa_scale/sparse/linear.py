@@ -1,10 +1,12 @@
 """The compact MoSA linear layer: N sparse experts stored in one dense weight's worth of values.
 
 Expert k's effective weight is ``W_k = s_k * W0`` off its mask and the trained values on it
-(MOSA_SPEC section 3). Each expert's slice is its own 1-D parameter ``slice{k}`` (the values of
-the entries it owns, in increasing flat-index order) so that an optimizer param group per slice
-can skip it when unused; biases are ``bias{k}`` (a full vector per expert, or its share of a
-split bias). All are direct parameters of this module, which ZeRO-3 needs to gather them.
+(MOSA_SPEC section 3). All experts' trained values live in ONE 1-D parameter ``slices``,
+expert-major (expert k's entries are a contiguous range), and all expert biases in one
+parameter ``biases``; :mod:`mosa_scale.sparse.layout` documents the saved form. One tensor per
+split weight keeps the optimizer's param groups, and so DeepSpeed's per-step collectives, those
+of a dense adapter; :class:`~mosa_scale.optim.adamw.MoSAAdamW` steps each expert's range on its
+own. Both are direct parameters of this module, which ZeRO-3 needs to gather them.
 """
 
 from __future__ import annotations
@@ -15,44 +17,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosa_scale.sparse.layout import bias_ranges, expert_order, expert_ranges, scatter_expert_major
 from mosa_scale.sparse.partition import partition
 from mosa_scale.sparse.routing import Router
 
 
 class _ComposeExpert(torch.autograd.Function):
-    """Builds expert k's dense tensor from its slice; every slice gets a gradient.
+    """Builds expert k's dense tensor from its range ``values[offset:offset+length]``.
 
-    The chosen slice gets the gathered gradient times ``scale``; all other slices get zeros, so
-    every rank runs the same autograd graph whatever it chose (ZeRO's hooks and collectives
-    must match across ranks).
+    The backward returns a gradient for the whole ``values`` tensor: the chosen range gets the
+    gathered gradient times ``scale``, every other range zeros, so every rank runs the same
+    autograd graph whatever it chose (ZeRO's hooks and collectives must match across ranks).
+    ``index`` None: the range is the output itself (an expert's own bias vector).
     """
 
     @staticmethod
-    def forward(ctx: Any, k: int, scale: float, base: torch.Tensor, index: torch.Tensor | None,
-                *slices: torch.Tensor) -> torch.Tensor:
-        ctx.k, ctx.scale, ctx.shapes = k, scale, [s.shape for s in slices]
-        ctx.meta = [(s.dtype, s.device) for s in slices]
-        if index is None:  # the slice is the whole tensor (an expert's own bias vector)
+    def forward(ctx: Any, scale: float, base: torch.Tensor | None, index: torch.Tensor | None,
+                values: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+        ctx.scale, ctx.offset, ctx.length, ctx.numel = scale, offset, length, values.numel()
+        chosen = values.narrow(0, offset, length)
+        if index is None:
             ctx.save_for_backward()
-            ctx.has_index = False
-            return slices[k].clone()
-        ctx.has_index = True
+            return chosen.clone()
         ctx.save_for_backward(index)
-        out = base.to(slices[k].dtype).clone()  # (D,)
-        out[index] = slices[k]
+        out = base.to(values.dtype).clone()  # (D,)
+        out[index] = chosen
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = [torch.zeros(shape, dtype=dt, device=dev) for shape, (dt, dev) in zip(ctx.shapes, ctx.meta)]
-        chosen = grad[ctx.saved_tensors[0]] if ctx.has_index else grad
-        grads[ctx.k] = (chosen * ctx.scale).to(grads[ctx.k].dtype) if ctx.scale != 1.0 else chosen.to(grads[ctx.k].dtype)
-        return (None, None, None, None, *grads)
+        full = grad.new_zeros(ctx.numel)
+        saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+        chosen = grad[saved[0]] if saved else grad
+        full.narrow(0, ctx.offset, ctx.length).copy_(chosen * ctx.scale if ctx.scale != 1.0 else chosen)
+        return None, None, None, full, None, None
 
 
 def merged_weight_and_bias(
-    slices: list[torch.Tensor],
-    biases: list[torch.Tensor] | None,
+    slices: torch.Tensor,
+    biases: torch.Tensor | None,
     *,
     base: torch.Tensor,
     assign: torch.Tensor,
@@ -67,30 +70,25 @@ def merged_weight_and_bias(
     Biases: the mean of the N expert biases (a split bias: its scattered values / N).
 
     Args:
-        slices: N 1-D tensors, slice k holding the values of ``assign == k`` in flat order.
-        biases: N bias tensors, or None for a layer without bias.
+        slices: Every expert's values, expert-major (:mod:`mosa_scale.sparse.layout`).
+        biases: The expert biases (``N * out`` values, or ``out`` when split), or None.
         base: Flat W0 (empty when W0 is zero).
         assign: Flat int8 expert index per entry.
         decay: (N,) per-expert weight-decay factors s_k.
         dims: ``(out, in)``.
         bias_assign: int8 expert index per bias entry when the bias is split.
     """
-    n = len(slices)
-    flat = torch.zeros(assign.numel(), dtype=torch.float32, device=assign.device)
-    for k, s in enumerate(slices):
-        flat[assign == k] = s.float()
+    n = int(decay.numel())
+    flat = scatter_expert_major(slices.reshape(-1), assign.reshape(-1))
     if base.numel():
-        decay = decay.float()
-        flat = flat + base.float() * (decay.sum() - decay[assign.long()])
+        decay = decay.float().to(flat.device)
+        flat = flat + base.float().reshape(-1) * (decay.sum() - decay[assign.reshape(-1).long()])
     weight = (flat / n).reshape(dims)
     if biases is None:
         return weight, None
     if bias_assign is None:
-        return weight, torch.stack([b.float() for b in biases]).mean(0)
-    bias = torch.zeros(bias_assign.numel(), dtype=torch.float32, device=bias_assign.device)
-    for k, b in enumerate(biases):
-        bias[bias_assign == k] = b.float()
-    return weight, bias / n
+        return weight, biases.float().reshape(n, dims[0]).mean(0)
+    return weight, scatter_expert_major(biases.reshape(-1), bias_assign.reshape(-1)) / n
 
 
 class SparseExpertLinear(nn.Module):
@@ -114,70 +112,65 @@ class SparseExpertLinear(nn.Module):
             raise ValueError(f"num_experts: got {num_experts}; a SparseExpertLinear needs N >= 2")
         out_f, in_f = weight.shape
         self.in_features, self.out_features, self.num_experts = in_f, out_f, num_experts
-        self.name, self.split_bias = name, split_bias
+        self.name, self.split_bias, self.has_bias = name, split_bias, bias
         assign = partition((out_f, in_f), num_experts, seed=seed, name=f"{name}.weight", mode=mode).reshape(-1)
         w0 = weight.detach().float().reshape(-1)
         zero_base = not bool(w0.any())
         self.register_buffer("base", w0.new_empty(0) if zero_base else w0.clone())  # W0; empty = zeros
         self.register_buffer("assign", assign)
         self.register_buffer("decay", torch.ones(num_experts))  # s_k
+        self.register_buffer("steps", torch.zeros(num_experts, dtype=torch.int64))  # optimizer steps per expert
         self.register_buffer("dims", torch.tensor([out_f, in_f], dtype=torch.int64))
-        for k in range(num_experts):
-            idx = torch.nonzero(assign == k).reshape(-1)
-            self.register_buffer(f"index{k}", idx, persistent=False)
-            self.register_parameter(f"slice{k}", nn.Parameter(w0[idx].clone()))
-        self.has_bias = bias
+        if bias and split_bias:
+            self.register_buffer("bias_assign", partition((out_f,), num_experts, seed=seed, name=f"{name}.bias",
+                                                          mode="all"))
+        self._rebuild_indices()
+        self.slices = nn.Parameter(w0[self.order].clone())  # (D,) expert-major
         if bias:
-            if split_bias:
-                b_assign = partition((out_f,), num_experts, seed=seed, name=f"{name}.bias", mode="all")
-                self.register_buffer("bias_assign", b_assign)
-                for k in range(num_experts):
-                    idx = torch.nonzero(b_assign == k).reshape(-1)
-                    self.register_buffer(f"bias_index{k}", idx, persistent=False)
-                    self.register_parameter(f"bias{k}", nn.Parameter(torch.zeros(idx.numel())))
-            else:
-                for k in range(num_experts):
-                    self.register_parameter(f"bias{k}", nn.Parameter(torch.zeros(out_f)))
+            self.biases = nn.Parameter(torch.zeros(out_f if split_bias else num_experts * out_f))
         self._router = [router]  # a list keeps the router out of the module tree
         self.route_id = router.register(name, num_experts)
-
-    def slices(self) -> list[nn.Parameter]:
-        return [getattr(self, f"slice{k}") for k in range(self.num_experts)]
-
-    def biases(self) -> list[nn.Parameter] | None:
-        return [getattr(self, f"bias{k}") for k in range(self.num_experts)] if self.has_bias else None
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._rebuild_indices()
 
     def _rebuild_indices(self) -> None:
-        """Derives the non-persistent index buffers from the saved partition."""
-        for k in range(self.num_experts):
-            setattr(self, f"index{k}", torch.nonzero(self.assign == k).reshape(-1))
-            if self.has_bias and self.split_bias:
-                setattr(self, f"bias_index{k}", torch.nonzero(self.bias_assign == k).reshape(-1))
+        """Derives the expert ranges and the non-persistent index buffers from the saved partition."""
+        self.register_buffer("order", expert_order(self.assign).to(self.assign.device), persistent=False)
+        self.ranges = expert_ranges(self.assign, self.num_experts)
+        b_assign = getattr(self, "bias_assign", None) if self.has_bias and self.split_bias else None
+        self.bias_ranges = bias_ranges(self.out_features, self.num_experts, b_assign) if self.has_bias else []
+        if b_assign is not None:
+            self.register_buffer("bias_order", expert_order(b_assign).to(b_assign.device), persistent=False)
+
+    def expert_values(self, k: int) -> torch.Tensor:
+        """Expert k's trained weight values (a view into ``slices``)."""
+        offset, length = self.ranges[k]
+        return self.slices.narrow(0, offset, length)
 
     def expert_weight(self, k: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Expert k's dense weight ``(out, in)`` and bias ``(out,)``, differentiable in all slices."""
-        slices = self.slices()
-        base = self.base * self.decay[k] if self.base.numel() else slices[k].new_zeros(self.assign.numel())
-        weight = _ComposeExpert.apply(k, scale, base, getattr(self, f"index{k}"), *slices)
+        """Expert k's dense weight ``(out, in)`` and bias ``(out,)``; the gradient reaches ``slices``
+        and ``biases`` (zeros outside expert k's ranges), times ``scale``."""
+        offset, length = self.ranges[k]
+        index = self.order.narrow(0, offset, length)
+        base = self.base * self.decay[k] if self.base.numel() else self.slices.new_zeros(self.assign.numel())
+        weight = _ComposeExpert.apply(scale, base, index, self.slices, offset, length)
         bias = None
         if self.has_bias:
-            biases = self.biases()
+            b_off, b_len = self.bias_ranges[k]
             if self.split_bias:
-                zero = biases[k].new_zeros(self.out_features)
-                bias = _ComposeExpert.apply(k, scale, zero, getattr(self, f"bias_index{k}"), *biases)
+                zero = self.biases.new_zeros(self.out_features)
+                b_index = self.bias_order.narrow(0, b_off, b_len)
+                bias = _ComposeExpert.apply(scale, zero, b_index, self.biases, b_off, b_len)
             else:
-                bias = _ComposeExpert.apply(k, scale, None, None, *biases)
+                bias = _ComposeExpert.apply(scale, None, None, self.biases, b_off, b_len)
         return weight.reshape(self.out_features, self.in_features), bias
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged dense weight and bias (used for evaluation)."""
         return merged_weight_and_bias(
-            [s.detach() for s in self.slices()],
-            None if not self.has_bias else [b.detach() for b in self.biases()],
+            self.slices.detach(), self.biases.detach() if self.has_bias else None,
             base=self.base, assign=self.assign, decay=self.decay, dims=(self.out_features, self.in_features),
             bias_assign=getattr(self, "bias_assign", None) if self.split_bias else None,
         )
@@ -193,7 +186,7 @@ class SparseExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         weight, bias = self.weight_and_bias()
-        dtype = self.slice0.dtype
+        dtype = self.slices.dtype
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ def test_gpu_script_cpu_tiny_mode():
     assert (dense["experts"], mosa["experts"]) == (1, 4)
     assert len(dense["step_s_all"]) == len(mosa["step_s_all"]) == 2
     assert mosa["flops_per_sample"] == dense["flops_per_sample"] > 0  # MoSA computes what the dense adapter does
-    assert mosa["param_groups"] > dense["param_groups"]  # one optimizer group per slice
+    assert mosa["param_groups"] == dense["param_groups"] == 2  # the groups of a dense adapter, whatever N
     assert 0 < mosa["trainable_params"] - dense["trainable_params"] < 0.05 * dense["trainable_params"]
     assert dense["mfu"] is None  # no peak FLOP/s for a CPU
     assert all(math.isfinite(v["final_loss"]) for v in (dense, mosa))
