@@ -55,9 +55,22 @@ class Fragment(NamedTuple):
 class _Runs:
     """A stepped tensor cut into runs: ``lengths[i]`` elements of slot ``slots[i]`` (-1 = dense)."""
 
-    lengths: torch.Tensor  # (R,) int64
-    slots: torch.Tensor  # (R,) int64
+    starts: list[int]
+    lengths: list[int]
+    slots: list[int]
     numel: int
+    lengths_t: torch.Tensor  # (R,) int64
+    slots_t: torch.Tensor  # (R,) int64
+
+
+def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, wd: float, b1: float,
+            b2: float, eps: float, *, step: float) -> None:
+    """``torch.optim.AdamW``'s single-tensor update of ``p`` (in place), at bias-correction step ``step``."""
+    p.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
 
 
 class MoSAAdamW(torch.optim.Optimizer):
@@ -107,11 +120,18 @@ class MoSAAdamW(torch.optim.Optimizer):
                 self._layout[id(layer.biases)] = (slot, list(layer.bias_ranges))
             slot += layer.num_experts
         self.num_slots = slot
+        self._sizes = [layer.num_experts for layer in self.layers]
+        self._slot_route = torch.tensor([layer.route_id for layer in self.layers for _ in range(layer.num_experts)],
+                                        dtype=torch.int64)
+        self._slot_expert = torch.tensor([k for layer in self.layers for k in range(layer.num_experts)],
+                                         dtype=torch.int64)
         self._runs: dict[int, tuple[torch.Tensor, _Runs | None]] = {}
         self._bound = False
         self._window: Window | None | object = object()  # the routing window last advanced for
         self._stepped = torch.ones(slot, dtype=torch.bool)
         self._counts = torch.zeros(slot, dtype=torch.float64)
+        self._stepped_list: list[bool] = [True] * slot
+        self._counts_list: list[int] = [0] * slot
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ where the slices are
@@ -155,7 +175,9 @@ class MoSAAdamW(torch.optim.Optimizer):
         if pos < numel:
             lengths.append(numel - pos)
             slots.append(-1)
-        return _Runs(torch.tensor(lengths, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64), numel)
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        return _Runs(starts, lengths, slots, numel, torch.tensor(lengths, dtype=torch.int64),
+                     torch.tensor(slots, dtype=torch.int64))
 
     def slot_key(self, slot: int) -> tuple[int, int]:
         """``(route id, expert)`` of a slot number."""
@@ -170,12 +192,8 @@ class MoSAAdamW(torch.optim.Optimizer):
         runs = self._runs_for(tensor)
         if runs is None:
             return []
-        out, pos = [], 0
-        for length, slot in zip(runs.lengths.tolist(), runs.slots.tolist()):
-            if slot >= 0:
-                out.append((self.slot_key(slot), pos, length))
-            pos += length
-        return out
+        return [(self.slot_key(slot), start, length)
+                for start, length, slot in zip(runs.starts, runs.lengths, runs.slots) if slot >= 0]
 
     def _runs_for(self, p: torch.Tensor) -> _Runs | None:
         entry = self._runs.get(id(p))
@@ -195,29 +213,34 @@ class MoSAAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ per optimizer step
     def _advance(self) -> None:
         """Once per optimizer step (DeepSpeed calls ``step`` once per group or sub-group): which
-        slices step, their step counts and the off-mask decay factors s_k."""
+        slices step, their step counts and the off-mask decay factors s_k, for all layers at once."""
         window = self.router.window if self.router is not None else None
         if window is not None and window is self._window:
             return
         self._window = window
         if not self.layers:
             return
-        used = window.counts > 0 if window is not None else None  # (routes, max N)
-        stepped, counts = [], []
-        for layer in self.layers:
-            n, dev = layer.num_experts, layer.steps.device
-            st = used[layer.route_id, :n].to(dev) if used is not None else torch.ones(n, dtype=torch.bool, device=dev)
-            if self.inactive == "coast":
-                st = st | (layer.steps > 0)  # a copy steps every step from its first use on
-            layer.steps.add_(st.to(layer.steps.dtype))
-            group = self._groups[self._group_index[id(layer.slices)]]
-            factor = 1.0 - float(group["lr"]) * float(group["weight_decay"])
-            if factor != 1.0:  # the reference's decoupled decay of the copy's off-mask W0 entries
-                layer.decay.copy_(torch.where(st, layer.decay * factor, layer.decay))
-            stepped.append(st)
-            counts.append(layer.steps)
-        self._stepped = torch.cat(stepped)
-        self._counts = torch.cat(counts).double()
+        steps = [layer.steps for layer in self.layers]
+        dev = steps[0].device
+        before = torch.cat(steps)  # (slots,)
+        if window is not None:
+            stepped = (window.counts[self._slot_route, self._slot_expert] > 0).to(dev)
+        else:
+            stepped = torch.ones_like(before, dtype=torch.bool)
+        if self.inactive == "coast":
+            stepped = stepped | (before > 0)  # a copy steps every step from its first use on
+        add = stepped.to(before.dtype)
+        torch._foreach_add_(steps, list(add.split(self._sizes)))
+        factors = [1.0 - float(g["lr"]) * float(g["weight_decay"])
+                   for g in (self._groups[self._group_index[id(layer.slices)]] for layer in self.layers)]
+        if any(f != 1.0 for f in factors):  # the reference's decoupled decay of the copy's off-mask W0 entries
+            per_slot = torch.repeat_interleave(torch.tensor(factors, dtype=self.layers[0].decay.dtype),
+                                               torch.tensor(self._sizes)).to(dev)
+            mult = torch.where(stepped, per_slot, 1.0)
+            torch._foreach_mul_([layer.decay for layer in self.layers], list(mult.split(self._sizes)))
+        counts = before + add
+        self._stepped, self._counts = stepped, counts.double()
+        self._stepped_list, self._counts_list = stepped.tolist(), counts.tolist()
         self._on_device = {}
 
     def _slot_state(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +263,10 @@ class MoSAAdamW(torch.optim.Optimizer):
                     self._update(p, group)
         return loss
 
+    # stepped runs of a tensor up to which each is updated on its own view (exactly torch's scalar
+    # AdamW); more go through one masked, vectorised update over the whole tensor
+    loop_runs = 4
+
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if p.grad.is_sparse:
             raise RuntimeError("MoSAAdamW does not support sparse gradients")
@@ -250,48 +277,59 @@ class MoSAAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         runs = self._runs_for(p)
         g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
-        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
-        b1, b2 = group["betas"]
+        hyper = (float(group["lr"]), float(group["weight_decay"]), *group["betas"], float(group["eps"]))
         state["step"] += 1
-        if runs is None:  # torch.optim.AdamW's single-tensor update
-            step = float(state["step"])
-            p.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+        dense_step = float(state["step"])
+        if runs is None:
+            _adamw_(p, g, m, v, *hyper, step=dense_step)
             return
+        # (start, length, bias-correction step) of every run that steps, neighbours with one count merged
+        todo: list[list[float]] = []
+        for start, length, slot in zip(runs.starts, runs.lengths, runs.slots):
+            if slot >= 0 and not self._stepped_list[slot]:
+                continue
+            count = dense_step if slot < 0 else float(self._counts_list[slot])
+            if todo and todo[-1][0] + todo[-1][1] == start and todo[-1][2] == count:
+                todo[-1][1] += length
+            else:
+                todo.append([start, length, count])
+        if len(todo) <= self.loop_runs:
+            flat = (p.view(-1), g.view(-1), m.view(-1), v.view(-1))
+            for start, length, count in todo:
+                _adamw_(*(t.narrow(0, int(start), int(length)) for t in flat), *hyper, step=count)
+            return
+        self._update_masked(p, g, m, v, runs, hyper, dense_step)
+
+    def _update_masked(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, runs: _Runs,
+                       hyper: tuple[float, ...], dense_step: float) -> None:
+        """The same update for many runs at once: per-element bias corrections, elements of runs
+        that do not step kept bit-identical."""
+        lr, wd, b1, b2, eps = hyper
         stepped_slots, counts = self._slot_state(p.device)
-        slots = runs.slots.to(p.device)
-        lengths = runs.lengths.to(p.device)
+        slots, lengths = runs.slots_t.to(p.device), runs.lengths_t.to(p.device)
         is_slice = slots >= 0
         idx = slots.clamp(min=0)
         stepped = torch.where(is_slice, stepped_slots[idx], True)  # (R,) dense runs always step
-        if not bool(stepped.any()):
-            return
-        count = torch.where(is_slice, counts[idx], float(state["step"]))
+        count = torch.where(is_slice, counts[idx], dense_step)
         count = torch.where(stepped, count, 1.0)  # (R,) float64 bias-correction steps
-        step_size = lr / (1 - torch.pow(b1, count))
-        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, count))
 
-        def per_element(x: torch.Tensor) -> torch.Tensor:  # (R,) -> (numel,)
+        def per_element(x: torch.Tensor) -> torch.Tensor:  # (R,) -> p's shape
             return torch.repeat_interleave(x, lengths, output_size=runs.numel).reshape(p.shape)
 
+        step_size = per_element((lr / (1 - torch.pow(b1, count))).to(p.dtype))
+        bc2_sqrt = per_element(torch.sqrt(1 - torch.pow(b2, count)).to(p.dtype))
         if bool(stepped.all()):
             p.mul_(1 - lr * wd)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / per_element(bc2_sqrt.to(p.dtype))).add_(eps)
-            p.sub_(per_element(step_size.to(p.dtype)).mul_(m).div_(denom))
+            p.sub_(step_size.mul_(m).div_((v.sqrt() / bc2_sqrt).add_(eps)))
             return
         # only the stepped runs change; every other element (value, moments) stays bit-identical
         mask = per_element(stepped)
         m.copy_(torch.where(mask, torch.lerp(m, g, 1 - b1), m))
         v.copy_(torch.where(mask, (v * b2).addcmul_(g, g, value=1 - b2), v))
-        decay = torch.where(stepped, torch.full_like(count, 1 - lr * wd), 1.0).to(p.dtype)
-        new = p * per_element(decay)
-        denom = (v.sqrt() / per_element(bc2_sqrt.to(p.dtype))).add_(eps)
-        new.sub_(per_element(step_size.to(p.dtype)).mul_(m).div_(denom))
+        new = p * per_element(torch.where(stepped, torch.full_like(count, 1 - lr * wd), 1.0).to(p.dtype))
+        new.sub_(step_size.mul_(m).div_((v.sqrt() / bc2_sqrt).add_(eps)))
         p.copy_(torch.where(mask, new, p))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -23,34 +23,52 @@ from mosa_scale.sparse.routing import Router
 
 
 class _ComposeExpert(torch.autograd.Function):
-    """Builds expert k's dense tensor from its range ``values[offset:offset+length]``.
+    """Builds expert k's dense weight from its range ``slices[offset:offset+length]`` (and its bias
+    from its range of ``biases``), in one autograd node per layer.
 
-    The backward returns a gradient for the whole ``values`` tensor: the chosen range gets the
-    gathered gradient times ``scale``, every other range zeros, so every rank runs the same
-    autograd graph whatever it chose (ZeRO's hooks and collectives must match across ranks).
-    ``index`` None: the range is the output itself (an expert's own bias vector).
+    The backward returns a gradient for the whole ``slices`` (and ``biases``) tensor: the chosen
+    range gets the gathered gradient times ``scale``, every other range zeros, so every rank runs
+    the same autograd graph whatever it chose (ZeRO's hooks and collectives must match across
+    ranks). A bias range with ``b_index`` None is the bias itself (an expert's own bias vector).
     """
 
     @staticmethod
-    def forward(ctx: Any, scale: float, base: torch.Tensor | None, index: torch.Tensor | None,
-                values: torch.Tensor, offset: int, length: int) -> torch.Tensor:
-        ctx.scale, ctx.offset, ctx.length, ctx.numel = scale, offset, length, values.numel()
-        chosen = values.narrow(0, offset, length)
-        if index is None:
-            ctx.save_for_backward()
-            return chosen.clone()
-        ctx.save_for_backward(index)
-        out = base.to(values.dtype).clone()  # (D,)
-        out[index] = chosen
-        return out
+    def forward(ctx: Any, scale: float, base: torch.Tensor, decay: torch.Tensor, index: torch.Tensor,
+                slices: torch.Tensor, offset: int, length: int, biases: torch.Tensor | None,
+                b_index: torch.Tensor | None, b_offset: int, b_length: int) -> Any:
+        ctx.scale, ctx.ranges = scale, (offset, length, b_offset, b_length)
+        ctx.numels = (slices.numel(), 0 if biases is None else biases.numel())
+        # (D,) s_k * W0, or zeros when W0 is zero (an empty base)
+        weight = (base * decay).to(slices.dtype) if base.numel() else slices.new_zeros(slices.numel())
+        weight[index] = slices.narrow(0, offset, length)
+        ctx.save_for_backward(index, b_index)
+        if biases is None:
+            return weight
+        chosen = biases.narrow(0, b_offset, b_length)
+        if b_index is None:
+            return weight, chosen.clone()
+        bias = biases.new_zeros(biases.numel())  # a split bias: (out,) with expert k's entries
+        bias[b_index] = chosen
+        return weight, bias
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        full = grad.new_zeros(ctx.numel)
-        saved = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
-        chosen = grad[saved[0]] if saved else grad
-        full.narrow(0, ctx.offset, ctx.length).copy_(chosen * ctx.scale if ctx.scale != 1.0 else chosen)
-        return None, None, None, full, None, None
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        index, b_index = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
+        offset, length, b_offset, b_length = ctx.ranges
+        scale = ctx.scale
+
+        def full(numel: int, off: int, n: int, chosen: torch.Tensor) -> torch.Tensor:
+            out = chosen.new_zeros(numel)
+            out.narrow(0, off, n).copy_(chosen * scale if scale != 1.0 else chosen)
+            return out
+
+        g_slices = full(ctx.numels[0], offset, length, grads[0][index])
+        g_biases = None
+        if len(grads) > 1 and grads[1] is not None:
+            g_biases = full(ctx.numels[1], b_offset, b_length, grads[1] if b_index is None else grads[1][b_index])
+        elif ctx.numels[1]:
+            g_biases = grads[0].new_zeros(ctx.numels[1])
+        return None, None, None, None, g_slices, None, None, g_biases, None, None, None
 
 
 def merged_weight_and_bias(
@@ -154,17 +172,14 @@ class SparseExpertLinear(nn.Module):
         and ``biases`` (zeros outside expert k's ranges), times ``scale``."""
         offset, length = self.ranges[k]
         index = self.order.narrow(0, offset, length)
-        base = self.base * self.decay[k] if self.base.numel() else self.slices.new_zeros(self.assign.numel())
-        weight = _ComposeExpert.apply(scale, base, index, self.slices, offset, length)
-        bias = None
-        if self.has_bias:
-            b_off, b_len = self.bias_ranges[k]
-            if self.split_bias:
-                zero = self.biases.new_zeros(self.out_features)
-                b_index = self.bias_order.narrow(0, b_off, b_len)
-                bias = _ComposeExpert.apply(scale, zero, b_index, self.biases, b_off, b_len)
-            else:
-                bias = _ComposeExpert.apply(scale, None, None, self.biases, b_off, b_len)
+        if not self.has_bias:
+            weight = _ComposeExpert.apply(scale, self.base, self.decay[k], index, self.slices, offset, length,
+                                          None, None, 0, 0)
+            return weight.reshape(self.out_features, self.in_features), None
+        b_off, b_len = self.bias_ranges[k]
+        b_index = self.bias_order.narrow(0, b_off, b_len) if self.split_bias else None
+        weight, bias = _ComposeExpert.apply(scale, self.base, self.decay[k], index, self.slices, offset, length,
+                                            self.biases, b_index, b_off, b_len)
         return weight.reshape(self.out_features, self.in_features), bias
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:

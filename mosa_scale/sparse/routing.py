@@ -55,6 +55,8 @@ class Router:
         self.names: list[str] = []
         self.window: Window | None = None
         self._current: torch.Tensor | None = None  # (routes,) plan of the running forward pass
+        self._current_list: list[int] | None = None  # the same, as Python ints (read once per layer)
+        self._counts_of: tuple[Window | None, list[list[int]]] = (None, [])  # window -> counts as lists
 
     def register(self, name: str, num_experts: int) -> int:
         """Adds one split projection; returns its route id (registration order)."""
@@ -98,11 +100,12 @@ class Router:
 
     @contextlib.contextmanager
     def use(self, plan: torch.Tensor | None) -> Iterator[None]:
-        previous, self._current = self._current, plan
+        previous = self._current, self._current_list
+        self._current, self._current_list = plan, None if plan is None else plan.tolist()
         try:
             yield
         finally:
-            self._current = previous
+            self._current, self._current_list = previous
 
     def choice(self, route_id: int) -> int:
         """The expert of ``route_id`` in the running forward pass.
@@ -116,7 +119,7 @@ class Router:
                 "wrap the forward in `with router.forward_pass(micro, pass_index):` after "
                 "router.begin_step(step), or call model.eval() to use merged weights"
             )
-        return int(self._current[route_id])
+        return self._current_list[route_id]
 
     def grad_scale(self, route_id: int, expert: int) -> float:
         """Factor on slice gradients so that the data-parallel mean becomes the mean over the
@@ -124,7 +127,9 @@ class Router:
         hand with :meth:`use` (outside the window's draws) gets 1."""
         if self.window is None:
             return 1.0
-        count = int(self.window.counts[route_id, expert])
+        if self._counts_of[0] is not self.window:  # once per window (it may also be set by hand)
+            self._counts_of = (self.window, self.window.counts.tolist())
+        count = self._counts_of[1][route_id][expert]
         return self.world_size * self.window.choices.shape[0] / count if count else 1.0
 
     def active_slices(self) -> frozenset[SliceKey]:
