@@ -1,8 +1,8 @@
 """Communication per optimizer step: MoSA against the dense adapter under ZeRO 1-3, on 2 CPU ranks.
 
 For every ZeRO stage and tower depth, builds the dense adapter (N = 1) and MoSA (N = 4, 8) on the same
-frozen tower (hf-vit, width 64, the given numbers of blocks; parallel adapter r 64, share down, the
-authors' default), and counts the ``torch.distributed`` calls and bytes of whole optimizer steps
+frozen tower (the built-in default's: hf-vit width 64, 16 tokens, micro-batch 32 per rank; at the
+given numbers of blocks; parallel adapter r 64, share down, as in the default run), and counts the ``torch.distributed`` calls and bytes of whole optimizer steps
 (forward, backward, ``engine.step``) in steady state, on each rank. Steps of the variants are
 interleaved round-robin, so their step-time ratios are measured side by side. Prints JSON (rank 0's
 view plus per-rank counts); ``--out`` also writes it.
@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WIDTH, CLASSES, MICRO, R = 64, 10, 8, 64
+WIDTH, CLASSES, MICRO, R = 64, 10, 32, 64
 
 
 def tower_config(blocks: int) -> dict:
-    return dict(hidden_size=WIDTH, num_hidden_layers=blocks, num_attention_heads=2, intermediate_size=2 * WIDTH,
-                image_size=32, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    """The built-in default's tower (launchers/configs/digits_default.yaml) at another depth."""
+    return dict(hidden_size=WIDTH, num_hidden_layers=blocks, num_attention_heads=4, intermediate_size=2 * WIDTH,
+                image_size=16, patch_size=4, initializer_range=0.3, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
 
 
 def build(stage: int, blocks: int, experts: int, rank: int, world: int):
