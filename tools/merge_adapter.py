@@ -7,7 +7,8 @@ Reads any ZeRO stage and world size, checks the checkpoint against the run confi
 routing, seeded partition), merges (MOSA_SPEC section 5) and writes OUT_DIR/adapter.safetensors
 + adapter_config.json; --unmerged also writes the trained MoSA state to OUT_DIR/unmerged/,
 --peft exports a (MoSA-)LoRA on an HF backbone in PEFT's format. Exit status 2 on a refused
-checkpoint, with nothing written.
+checkpoint (manifest, sizes, sha256, weights-only read, config, finite merged values), with
+nothing written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import sys
 
+from mosa_scale.ckpt.adapter_file import AdapterFileError
 from mosa_scale.ckpt.consolidate import CheckpointError, CheckpointMismatch, consolidate
 from mosa_scale.config import ConfigError
 
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         result = consolidate(args.checkpoint, args.out, config=args.config, tag=args.tag, unmerged=args.unmerged)
-    except (CheckpointError, CheckpointMismatch, ConfigError) as e:
+    except (CheckpointError, CheckpointMismatch, ConfigError, AdapterFileError) as e:
         print(f"merge_adapter: refused, nothing written: {e}", file=sys.stderr)
         return 2
     out = {"merged": str(result.merged_dir), "unmerged": str(result.unmerged_dir) if result.unmerged_dir else None,

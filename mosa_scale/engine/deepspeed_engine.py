@@ -14,13 +14,9 @@ import torch
 import torch.distributed as dist
 
 from mosa_scale.config.errors import ConfigError
-from mosa_scale.config.run import REPO_ROOT, RunConfig
+from mosa_scale.config.run import REPO_ROOT, RUN_OWNED, RunConfig
 
 log = logging.getLogger(__name__)
-
-# settings whose one home is the run config; a ds_configs file must not carry them
-RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
 def world_from_env() -> tuple[int, int, int]:
