@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset import TarWriter
 
@@ -95,8 +95,10 @@ def _read_file(path: str) -> tuple[bytes, str]:
             buf = io.BytesIO()
             image.save(buf, format="PNG")
     except _IMAGE_ERRORS as exn:
-        raise SourceError(f"source file {path} cannot be read as an image ({type(exn).__name__}: {exn}); "
-                          "remove or replace it and run make_shards again") from exn
+        why = "its header is no known image format" if isinstance(exn, UnidentifiedImageError) else \
+            f"{type(exn).__name__}: {exn}"
+        raise SourceError(f"source file {path} cannot be read as an image ({why}); remove or replace it and "
+                          "run make_shards again") from exn
     return buf.getvalue(), "png"
 
 
@@ -415,6 +417,7 @@ class _SplitWriter:
     def abort(self) -> None:
         """Drops the open shard (its .tmp file); finished shards stay for the caller to remove."""
         if self._writer is not None:
+            self._writer.close()
             self._file.close()
             os.remove(os.path.join(self.out, self.names[-1] + ".tmp"))
             self.names.pop()
