@@ -54,15 +54,16 @@ def flip_byte(path: str | Path, offset: int | None = None) -> int:
     return offset
 
 
-def nan_in_tensor_data(path: str | Path) -> int:
-    """Writes an fp32 NaN at the start of every tensor record; returns how many were changed."""
+def nan_into(path: str | Path, tensor) -> int:
+    """Writes an fp32 NaN over the first value of ``tensor`` (fp32, as loaded from ``path``) inside the
+    file; returns its offset."""
     path = Path(path)
     raw = bytearray(path.read_bytes())
-    spots = [start for start, size in data_offsets(path) if size >= 4]
-    for start in spots:
-        raw[start:start + 4] = struct.pack("<f", float("nan"))
+    start = raw.find(tensor.detach().contiguous().numpy().tobytes())
+    assert start >= 0 and [s for s, _ in data_offsets(path) if s == start], "tensor data not found in the file"
+    raw[start:start + 4] = struct.pack("<f", float("nan"))
     path.write_bytes(bytes(raw))
-    return len(spots)
+    return start
 
 
 def refresh_manifest(tag_dir: str | Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hostile_files import (data_offsets, flip_byte, nan_in_tensor_data, plant_payload, refresh_manifest,
+from hostile_files import (data_offsets, flip_byte, nan_into, plant_payload, refresh_manifest,
                            rewrite_adapter, set_header_shape)
 from launch_util import REPO, launch_env
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, AdapterFileError, read_adapter
@@ -124,8 +124,9 @@ def test_unlisted_truncated_and_unmanifested_tags_are_refused(zero_run, tmp_path
 
 def test_merge_refuses_non_finite_values(zero_run, tmp_path):
     run = _copy_run(zero_run(2), tmp_path / "run")
-    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
-        assert nan_in_tensor_data(_tag_dir(run) / name) > 0
+    shard = _tag_dir(run) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    fp32 = load_weights_only(shard)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    nan_into(shard, fp32)  # one fp32 master value of rank 1's partition
     refresh_manifest(_tag_dir(run))
     proc = _cli(MERGE, str(run), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "non-finite values" in proc.stderr and "NaN/inf" in proc.stderr
