@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -113,16 +114,23 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
 
 def retain(ckpt_dir: Path, *, keep: int, step: int, protect: set[str]) -> list[str]:
     """Deletes complete tags (those with a manifest) at or before ``step`` beyond the newest ``keep``
-    by step number; never a tag in ``protect``, an incomplete one, or one from a later step (a
-    later save of this run replaces it). Returns the names deleted."""
-    complete = []
+    by step number, and this run's interrupted saves (``step%08d`` without a manifest) of earlier
+    steps; never a tag in ``protect`` nor one from a later step (a later save of this run replaces
+    it). Returns the names deleted."""
+    complete, interrupted = [], []
     for d in ckpt_dir.iterdir():
-        s = manifest_step(d) if d.is_dir() else None
-        if s is not None and s <= step:
+        if not d.is_dir():
+            continue
+        s = manifest_step(d)
+        if s is None:
+            own = re.fullmatch(r"step(\d{8})", d.name)
+            if own and int(own.group(1)) < step:
+                interrupted.append(d.name)
+        elif s <= step:
             complete.append((s, d.name))
     complete.sort()
     keepers = {name for _, name in complete[-keep:]} | protect
-    removed = [name for _, name in complete if name not in keepers]
+    removed = [name for _, name in complete if name not in keepers] + [n for n in interrupted if n not in protect]
     for name in removed:
         shutil.rmtree(ckpt_dir / name)
     return removed

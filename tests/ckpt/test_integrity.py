@@ -143,12 +143,14 @@ def test_retention_orders_complete_tags_by_step_and_protects_latest(zero_run, tm
         body = read_manifest(ckpts / name)
         body["step"] = step
         (ckpts / name / MANIFEST_NAME).write_text(json.dumps(body))
-    (ckpts / "step00000008").mkdir()  # an interrupted save: no manifest
-    shutil.copy(src / "mp_rank_00_model_states.pt", ckpts / "step00000008")
+    for name in ("step00000008", "step00000011", "step12"):  # interrupted saves (no manifest), a foreign folder
+        (ckpts / name).mkdir()
+        shutil.copy(src / "mp_rank_00_model_states.pt", ckpts / name)
     removed = retain(ckpts, keep=2, step=10, protect={"step00000005"})
-    assert sorted(removed) == ["step00000007"]  # 9 and 10 are the newest two, 5 is protected
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step00000005", "step00000008", "step00000009",
-                                                       "step00000010", "step25", "step30"]
+    # 9 and 10 are the newest two, 5 is protected; 8 is an earlier save that never finished
+    assert sorted(removed) == ["step00000007", "step00000008"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step00000005", "step00000009", "step00000010",
+                                                       "step00000011", "step12", "step25", "step30"]
 
 
 # ---------------------------------------------------------------------------- adapters

@@ -151,14 +151,15 @@ def test_no_checkpoint_inside_a_nonfinite_streak(shards, tmp_path):
 
 
 def _ranks(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
-    """The launch's rank processes by local rank."""
+    """The launch's rank processes by local rank (not their data-loader workers, forked with the
+    same command line)."""
     out = {}
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            cmd = child.cmdline()
-        except psutil.Error:
+            cmd, parent = child.cmdline(), child.parent().cmdline()
+        except (psutil.Error, AttributeError):
             continue
-        if any("train.py" in a for a in cmd):
+        if "deepspeed.launcher.launch" in parent:
             for a in cmd:
                 if a.startswith("--local_rank="):
                     out[int(a.split("=")[1])] = child
@@ -213,7 +214,7 @@ def test_second_launch_is_refused_and_a_kill_mid_save_resumes_exactly(finished, 
     previous = (ckpts / "latest").read_text().strip()
     assert previous < tag and not (ckpts / tag / MANIFEST_NAME).exists() and (ckpts / tag).is_dir()
     assert not json.loads((run / "run.lock").read_text()).get("released")
-    proc = launch(run, shards)  # the same command: takes the stale lock over and resumes
+    proc = launch(run, shards, "train.checkpoint_every=1")  # the same command: takes the lock over, resumes
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"took over the lock of an earlier run in {run} that ended without releasing it" in proc.stderr
     assert f"resumed from {previous}" in proc.stderr
