@@ -122,9 +122,11 @@ class RunConfig:
         return self.train.global_batch // (self.train.micro_batch * world_size)
 
 
-def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
-    """Cross-field checks: batch arithmetic, ranges, files that must exist. Sections that failed
-    to build (None) are skipped so the other sections' problems are still reported."""
+def check_run(cfg: RunConfig, world_size: int, p: Problems, *, files: bool = True) -> None:
+    """Cross-field checks: batch arithmetic, ranges, the ZeRO file; with ``files``, also the data
+    and backbone files this machine must have (shard paths and their index, the number of classes,
+    an OpenCLIP name, an HF ``config.json``). Sections that failed to build (None) are skipped so
+    the other sections' problems are still reported."""
     t, o = cfg.train, cfg.optim
     if t is None or o is None or cfg.data is None or cfg.head is None or cfg.model is None:
         if t is not None:
@@ -149,8 +151,9 @@ def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
     if not 0 <= cfg.data.max_skip_rate <= 1:
         p.add("data.max_skip_rate", f"got {cfg.data.max_skip_rate}; must be in [0, 1]")
     _check_zero_config(t.zero_config, p)
-    _check_data_paths(cfg.data, p)
-    _check_backbone_files(cfg.model, p)
+    if files:
+        _check_data_paths(cfg.data, p)
+        _check_backbone_files(cfg.model, p)
     if cfg.head.kind == "zeroshot" and cfg.model.family != "openclip":
         p.add("head.kind", "'zeroshot' needs model.family 'openclip' (its text tower makes the head)")
     if cfg.head.kind == "zeroshot" and not cfg.head.class_names:
@@ -275,18 +278,26 @@ def _check_backbone_files(m: BackboneConfig, p: Problems) -> None:
                 p.add("model.pretrained", f"file {str(conf)!r} is not valid JSON ({e}); copy the model again")
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1,
+                    check_files: bool = True) -> RunConfig:
     """Loads, overrides, type-checks and validates a run config.
+
+    Args:
+        path: The YAML file (None: defaults).
+        overrides: Dotted ``key=value`` overrides.
+        world_size: Ranks the run will have (batch arithmetic).
+        check_files: Also check the data and backbone files exist here (off to read a config
+            written for another machine, e.g. a recipe or a finished run's config.yaml).
 
     Raises:
         ConfigError: listing every problem found (unknown keys, wrong types, bad values, batch
-            sizes that do not multiply out).
+            sizes that do not multiply out, missing or unreadable files).
     """
     p = Problems()
     data = load_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides, p))
     built = _build_sections(data, p)
-    check_run(types.SimpleNamespace(**built), world_size, p)  # type: ignore[arg-type]
+    check_run(types.SimpleNamespace(**built), world_size, p, files=check_files)  # type: ignore[arg-type]
     p.raise_if_any()
     return RunConfig(**built)
 

@@ -55,7 +55,7 @@ def run_args(run: Path, *extra: str) -> list[str]:
 
 def test_out_of_range_labels_are_skipped_named_and_the_skip_rate_stops_every_rank(bad_labels, tmp_path):
     data, keys = bad_labels
-    assert len(keys) == 12
+    assert len(keys) == 15  # one per train shard
     t0 = time.time()
     proc = deepspeed_launch(TRAIN, run_args(tmp_path / "run", f"data.train={data}", f"data.val={data}",
                                             "data.max_skip_rate=0.001"), timeout=300, check=False)
@@ -125,3 +125,16 @@ def test_late_errors_stop_the_launcher_before_any_process_group(bad_files):
         for needle in needles:
             assert needle in proc.stderr, (needle, proc.stderr)
         assert "Traceback" not in proc.stderr and "TorchBackend" not in proc.stderr
+
+
+def test_a_recipes_cluster_paths_are_named_when_they_are_missing_here():
+    recipe = REPO / "launchers" / "configs" / "recipes" / "vit_b16" / "cub.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_run_config(recipe, [], world_size=8)
+    problems = e.value.problems
+    assert "data.train: 6 of the 6 shard file(s) of '/data/cub/train-{000000..000005}.tar' do not exist, e.g. " \
+           "'/data/cub/train-000000.tar'" in problems
+    assert "data.val: 1 of the 1 shard file(s) of '/data/cub/val-{000000..000000}.tar' do not exist, e.g. " \
+           "'/data/cub/val-000000.tar'" in problems
+    assert any(p.startswith("model.pretrained: '/models/vit-base-patch16-224-in21k' is not a folder") for p in problems)
+    assert len(problems) == 3
