@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from mosa_scale.backbones import enable_gradient_checkpointing
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter
+from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config.loader import to_plain
 from mosa_scale.config.run import BUILTIN, RunConfig
-from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.data import IGNORE_INDEX, DataError, DataSpec, build_loader, make_shards
 from mosa_scale.engine import checkpoint as ckpt
 from mosa_scale.engine.collectives import on_rank0
@@ -150,7 +150,7 @@ class Trainer:
                  float(self.skipped["missing"])])
             if epoch_valid == 0:
                 raise DataError(f"epoch {self.epoch} gave no valid sample on any of the {self.world} rank(s) (data."
-                                f"train={self.cfg.data.train!r}, {len(loader.shards.urls)} shard(s), skipped "
+                                f"train={self.cfg.data.train!r}, {len(loader.shards.urls)} shard(s); this rank skipped "
                                 f"{self.skipped}): the shards are empty, unreadable or every label is outside "
                                 f"[0, {self.num_classes}); see the warnings above")
             self._check_losses(valid, corrupt, missing, judge=True)
