@@ -54,7 +54,8 @@ class RunLock:
             holder = _read(fd)
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunDirError(f"cannot lock {path} ({e}); put train.run_dir on a file system with file locks") from e
+                raise RunDirError(f"cannot lock {path} ({e}); put train.run_dir on a file system with file "
+                                  "locks") from e
             raise RunDirError(f"run directory {path.parent} is in use by another run ({_describe(holder)}); wait for "
                               f"it to end or stop it, or set another train.run_dir") from None
         previous = _read(fd)

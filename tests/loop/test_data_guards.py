@@ -73,8 +73,8 @@ def test_out_of_range_labels_are_skipped_named_and_the_skip_rate_stops_every_ran
 
 def test_an_epoch_without_a_valid_sample_stops_every_rank(tmp_path):
     t0 = time.time()
-    proc = deepspeed_launch(TRAIN, run_args(tmp_path / "run", "data.train=pipe:cat /nonexistent/train-{000000..000003}.tar",
-                                            "data.num_classes=10"), timeout=300, check=False)
+    failing = "data.train=pipe:cat /nonexistent/train-{000000..000003}.tar"  # every shard command fails
+    proc = deepspeed_launch(TRAIN, run_args(tmp_path / "run", failing, "data.num_classes=10"), timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert time.time() - t0 < 300
     for rank in (0, 1):
@@ -117,7 +117,8 @@ def test_late_errors_stop_the_launcher_before_any_process_group(bad_files):
               "model.name=ViT-Q-99", "model.hf_config=null", "model.pooling=cls"],
              ["4 configuration problem(s)", "train_batch_size=64", "'/nonexistent/shards' does not exist",
               "data.num_classes: not set", "'ViT-Q-99'; not an OpenCLIP model"]),
-            ([f"model.pretrained={bad_files['hf']}"], ["1 configuration problem(s)", "config.json' is not valid JSON"])):
+            ([f"model.pretrained={bad_files['hf']}"],
+             ["1 configuration problem(s)", "config.json' is not valid JSON"])):
         t0 = time.time()
         proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(CONFIG), *extra], cwd=REPO,
                               env=launch_env(), capture_output=True, text=True, timeout=120)
