@@ -34,8 +34,29 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
+    _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Removes the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    With all ranks on one machine, DeepSpeed's CPU backend shares a 69 MB buffer per rank through
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` and never unlinks it: every
+    launch left them behind (memory no process frees), and a later launch on the same port opened
+    the stale buffers. The mappings stay valid after the unlink; nothing is left once the ranks end,
+    however they end.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # every rank has opened every other rank's buffer: the names are no longer needed
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except FileNotFoundError:  # ranks on several machines, or not the CPU backend: no buffer
+        pass
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -211,6 +211,8 @@ def test_second_launch_is_refused_and_a_kill_mid_save_resumes_exactly(finished, 
     finally:
         os.killpg(launcher.pid, signal.SIGKILL)  # the whole launch dies at once, as on a node failure
         launcher.wait(timeout=60)
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # even a kill leaks no memory
     previous = (ckpts / "latest").read_text().strip()
     assert previous < tag and not (ckpts / tag / MANIFEST_NAME).exists() and (ckpts / tag).is_dir()
     assert not json.loads((run / "run.lock").read_text()).get("released")
