@@ -12,8 +12,15 @@ import logging
 import os
 import sys
 
+import torch.distributed as dist
+
+from mosa_scale.ckpt.adapter_file import AdapterFileError
+from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config import ConfigError
 from mosa_scale.config.run import load_run_config
+from mosa_scale.data import DataError
+from mosa_scale.loop.rundir import RunDirError
+from mosa_scale.loop.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,16 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    from mosa_scale.ckpt.adapter_file import AdapterFileError
-    from mosa_scale.ckpt.safe_load import CheckpointError
-    from mosa_scale.data import DataError
-    from mosa_scale.loop.rundir import RunDirError
-    from mosa_scale.loop.trainer import Trainer
-
     try:
         result = Trainer(cfg).run()
     except (CheckpointError, RunDirError, DataError, AdapterFileError) as e:  # every rank stops with the same reason
         print(f"[rank{rank}] train: stopped: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 2
     if rank == 0:
         print(json.dumps({"final_eval": result}))
