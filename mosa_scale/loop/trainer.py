@@ -23,7 +23,7 @@ from mosa_scale.config.loader import to_plain
 from mosa_scale.config.run import BUILTIN, RunConfig
 from mosa_scale.data import IGNORE_INDEX, DataError, DataSpec, build_loader, make_shards
 from mosa_scale.engine import checkpoint as ckpt
-from mosa_scale.engine.collectives import on_rank0
+from mosa_scale.engine.agree import on_rank0
 from mosa_scale.engine.deepspeed_engine import (all_reduce_sum, barrier, deepspeed_config, full_fp32_params,
                                                 init_distributed, initialize)
 from mosa_scale.loop.flops import peak_flops, step_flops, throughput_metrics
