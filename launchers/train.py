@@ -1,6 +1,7 @@
 """Train MoSA adapters: ``deepspeed [--num_gpus K] launchers/train.py --config FILE.yaml [key=value ...]``.
 
-Also runs under torchrun, or as plain ``python`` for one process.
+Also runs under torchrun, or as plain ``python`` for one process. Exit status 2, with the reason
+and no traceback, for a bad config, a run directory in use, a refused checkpoint or unusable data.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ import logging
 import os
 import sys
 
+import torch.distributed as dist
+
+from mosa_scale.ckpt.adapter_file import AdapterFileError
+from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config import ConfigError
 from mosa_scale.config.run import load_run_config
+from mosa_scale.data import DataError
+from mosa_scale.loop.rundir import RunDirError
+from mosa_scale.loop.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,9 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    from mosa_scale.loop.trainer import Trainer
-
-    result = Trainer(cfg).run()
+    try:
+        result = Trainer(cfg).run()
+    except (CheckpointError, RunDirError, DataError, AdapterFileError) as e:  # every rank stops with the same reason
+        print(f"[rank{rank}] train: stopped: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     if rank == 0:
         print(json.dumps({"final_eval": result}))
     return 0

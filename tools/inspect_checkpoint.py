@@ -5,7 +5,8 @@
 PATH: a run directory or its checkpoints/ folder (latest tag), one checkpoint tag folder, one
 DeepSpeed ``.pt`` file, or an adapter folder / adapter.safetensors. Reports keys, shapes,
 parameter counts, partition statistics per MoSA layer and, for DeepSpeed checkpoints, the
-optimizer steps in which each expert was active.
+optimizer steps in which each expert was active. Every file read is checked first against its
+checkpoint's manifest (size, sha256) or adapter manifest; a refused one gives exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 
 from mosa_scale.ckpt.consolidate import CheckpointError
 from mosa_scale.ckpt.inspect import inspect_path
+from mosa_scale.ckpt.manifest import verify_member
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tensors", action="store_true", help="leave out the per-tensor table")
     args = parser.parse_args(argv)
     try:
+        verify_member(args.path)  # one file of a tag: checked against the tag's manifest first
         report = inspect_path(args.path, tag=args.tag)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"inspect_checkpoint: {e}", file=sys.stderr)

@@ -4,13 +4,15 @@
         [--split train=0.8,val=0.2] [--seed S] [--overwrite] [--limit N] [--quiet]
 
 SOURCE: a folder with one sub-folder per class, a `.csv` of path,label rows, `digits`
-(scikit-learn) or `fashion-mnist` (Debian package dataset-fashion-mnist).
+(scikit-learn) or `fashion-mnist` (Debian package dataset-fashion-mnist). On an error (status 2,
+naming a bad source file) or an interrupt (status 130) every file it wrote is removed again.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from mosa_scale.data.builtin import MissingDatasetError
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
     try:
         index = make_shards(args.source, args.out, samples_per_shard=args.samples_per_shard,
                             max_shard_bytes=args.max_shard_bytes, splits=args.split,
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                             progress=not args.quiet)
     except (FileNotFoundError, FileExistsError, MissingDatasetError, ValueError) as exn:
         parser.exit(2, f"make_shards: error: {exn}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"make_shards: interrupted; the files it had written to {args.out} were removed\n")
     for name, split in index["splits"].items():
         print(f"{name}: {split['num_samples']} samples in {len(split['shards'])} shards")
     print(f"index: {args.out}/index.json ({index['num_classes']} classes)")

@@ -1,13 +1,14 @@
 """Merge a DeepSpeed checkpoint into one portable adapter, offline on one CPU process.
 
     python tools/merge_adapter.py RUN_DIR|RUN_DIR/checkpoints[/TAG] --out OUT_DIR [--config FILE.yaml]
-        [--tag TAG] [--unmerged] [--peft PEFT_DIR]
+        [--tag TAG] [--unmerged] [--unverified] [--peft PEFT_DIR]
 
 Reads any ZeRO stage and world size, checks the checkpoint against the run config (structure,
 routing, seeded partition), merges (MOSA_SPEC section 5) and writes OUT_DIR/adapter.safetensors
 + adapter_config.json; --unmerged also writes the trained MoSA state to OUT_DIR/unmerged/,
 --peft exports a (MoSA-)LoRA on an HF backbone in PEFT's format. Exit status 2 on a refused
-checkpoint, with nothing written.
+checkpoint (manifest, sizes, sha256, weights-only read, config, finite merged values), with
+nothing written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import sys
 
+from mosa_scale.ckpt.adapter_file import AdapterFileError
 from mosa_scale.ckpt.consolidate import CheckpointError, CheckpointMismatch, consolidate
 from mosa_scale.config import ConfigError
 
@@ -28,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="run config it must match (default: RUN/config.yaml)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one checkpoints/latest names)")
     parser.add_argument("--unmerged", action="store_true", help="also write the unmerged trained state to OUT/unmerged")
+    parser.add_argument("--unverified", action="store_true",
+                        help="accept a checkpoint tag without manifest.json (written before manifests existed); "
+                             "a tag with one is always verified")
     parser.add_argument("--peft", default=None, metavar="DIR", help="also export a merged (MoSA-)LoRA in PEFT's format")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        result = consolidate(args.checkpoint, args.out, config=args.config, tag=args.tag, unmerged=args.unmerged)
-    except (CheckpointError, CheckpointMismatch, ConfigError) as e:
+        result = consolidate(args.checkpoint, args.out, config=args.config, tag=args.tag, unmerged=args.unmerged,
+                             unverified=args.unverified)
+    except (CheckpointError, CheckpointMismatch, ConfigError, AdapterFileError) as e:
         print(f"merge_adapter: refused, nothing written: {e}", file=sys.stderr)
         return 2
     out = {"merged": str(result.merged_dir), "unmerged": str(result.unmerged_dir) if result.unmerged_dir else None,

@@ -1,11 +1,12 @@
 """Offline consolidation: a sharded DeepSpeed checkpoint (any ZeRO stage, any world size) -> one
 merged adapter, in one CPU process.
 
-Every DeepSpeed file is read with ``torch.load(weights_only=True)``. The model-states files need
-nothing more; the optimizer-states files hold three pickled DeepSpeed objects that the
-weights-only loader refuses (the loss scaler, the ZeRO-stage enum, ZeRO-1/2's fragment
-addresses). They are read as the inert stand-ins of :data:`DEEPSPEED_STAND_INS`: no DeepSpeed code
-runs and ``deepspeed`` is not imported.
+Every file of the tag is first checked against the tag's manifest (size, sha256), then every
+DeepSpeed file is read with ``torch.load(weights_only=True)`` (``mosa_scale.ckpt.safe_load``). The
+model-states files need nothing more; the optimizer-states files hold three pickled DeepSpeed
+objects that the weights-only loader refuses (the loss scaler, the ZeRO-stage enum, ZeRO-1/2's
+fragment addresses). They are read as the inert stand-ins of :data:`DEEPSPEED_STAND_INS`: no
+DeepSpeed code runs and ``deepspeed`` is not imported.
 
 The fp32 master values are rebuilt from the flat partitions exactly as DeepSpeed's
 ``zero_to_fp32`` does (ZeRO-1/2: one flat group per param group, split evenly over ranks, with
@@ -35,7 +36,10 @@ import torch
 
 from mosa_scale.adapters.factory import is_adapter_name
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, read_adapter, write_adapter
+from mosa_scale.ckpt.manifest import MANIFEST_NAME, verify_tag
 from mosa_scale.ckpt.merge import merge_state_dict
+from mosa_scale.ckpt.safe_load import (DEEPSPEED_STAND_INS, CheckpointError, DeepSpeedObject,  # noqa: F401
+                                       load_weights_only)
 from mosa_scale.config.loader import load_yaml, to_plain
 from mosa_scale.config.run import RunConfig, run_config_from_plain
 from mosa_scale.sparse.layout import layer_prefixes, legacy_layers, read_layer, to_current_layout
@@ -47,10 +51,6 @@ HEAD_PREFIX = "mosa_head."
 TOWER_PREFIX = "tower."  # AdaptedClassifier.tower: MoSA layer names are relative to it
 # the RunConfig sections that decide the adapter's tensors; a difference elsewhere (lr, steps) does not
 ADAPTER_DEFINING = ("model", "adapter", "head", "routing", "train.seed", "data.num_classes")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, truncated or not in a format mosa_scale reads."""
 
 
 class CheckpointMismatch(ValueError):
@@ -66,60 +66,6 @@ class CheckpointMismatch(ValueError):
         lines += [f"  - {d}" for d in self.differences]
         lines.append("pass the run's own config (--config RUN_DIR/config.yaml), or the checkpoint of that run")
         super().__init__("\n".join(lines))
-
-
-# ---------------------------------------------------------------------------- weights-only loading
-class DeepSpeedObject:
-    """Inert stand-in for a DeepSpeed object in a checkpoint: keeps its pickled state, runs nothing."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> DeepSpeedObject:
-        obj = super().__new__(cls)
-        obj.args, obj.state = args, {}
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"DeepSpeedObject({self.state!r})"
-
-
-def _enum_value(value: int) -> int:
-    """Stand-in for ``ZeroStageEnum(value)``: the plain stage number."""
-    return int(value)
-
-
-# (stand-in, the pickled global it replaces); see the module docstring and the README
-DEEPSPEED_STAND_INS: list[tuple[Any, str]] = [
-    (DeepSpeedObject, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),  # ZeRO-1/2/3 "loss_scaler"
-    (DeepSpeedObject, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),  # the same, fp16 runs
-    (DeepSpeedObject, "deepspeed.utils.tensor_fragment.fragment_address"),  # ZeRO-1/2 and bf16 slice maps
-    (_enum_value, "deepspeed.runtime.zero.config.ZeroStageEnum"),  # ZeRO-1/2/3 "zero_stage"
-]
-
-
-def load_weights_only(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True)`` with DeepSpeed's objects read as inert stand-ins.
-
-    Raises:
-        CheckpointError: naming the file, when it is truncated or damaged, or holds a pickled
-            object that weights-only loading refuses.
-    """
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(DEEPSPEED_STAND_INS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), str(e))
-        raise CheckpointError(
-            f"{path}: refused by torch's weights-only loader ({first.strip()[:300]}); mosa_scale reads DeepSpeed "
-            "checkpoints written by the supported DeepSpeed versions only, never with weights_only=False") from e
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:200]}); the file is truncated "
-                              "or damaged: copy it again, or use an earlier checkpoint tag") from e
 
 
 # ---------------------------------------------------------------------------- reading
@@ -258,18 +204,27 @@ def _group_steps(opt_state: Mapping[str, Any] | None) -> dict[str, int]:
     return out
 
 
-def read_zero_checkpoint(path: str | Path, *, tag: str | None = None) -> ZeroCheckpoint:
+def read_zero_checkpoint(path: str | Path, *, tag: str | None = None, unverified: bool = False) -> ZeroCheckpoint:
     """Reads a DeepSpeed checkpoint of any ZeRO stage and world size into full fp32 tensors.
 
     Args:
         path: A run directory, its ``checkpoints/`` folder, or one tag folder.
         tag: Checkpoint tag (default: the one ``latest`` names).
+        unverified: Read a tag that has no manifest (written before mosa_scale wrote manifests):
+            its files are still read weights-only and cross-checked, but damage that keeps them
+            loadable cannot be detected. A tag that has a manifest is always verified against it.
 
     Raises:
-        CheckpointError: when files are missing (naming them and the ranks that wrote the
-            checkpoint), truncated, or inconsistent with each other.
+        CheckpointError: when the tag has no manifest, or files are missing (naming them and the
+            ranks that wrote the checkpoint), truncated, altered, unlisted in the manifest, or
+            inconsistent with each other.
     """
     d = resolve_checkpoint(path, tag)
+    if unverified and not (d / MANIFEST_NAME).is_file():
+        log.warning("%s has no %s (written before mosa_scale wrote manifests): reading it unverified, weights-only; "
+                    "damage that leaves its files loadable cannot be detected", d, MANIFEST_NAME)
+    else:
+        verify_tag(d)  # sizes and sha256 of every file, before anything is unpickled
     model_files = sorted(d.glob("*_model_states.pt"), key=_natural)
     main = load_weights_only(model_files[0])
     if not isinstance(main, dict) or "module" not in main or "param_shapes" not in main:
@@ -352,7 +307,8 @@ def refuse_legacy_layout(tag_dir: str | Path) -> None:
         raise CheckpointError(
             f"{d}: written by an older mosa_scale that kept one parameter and one optimizer param group per expert "
             f"slice ({len(legacy)} MoSA layers, e.g. {legacy[0]}); this version cannot resume it. Its adapter is "
-            "still readable: `python tools/merge_adapter.py RUN_DIR --out DIR` writes the merged adapter; start a new "
+            "still readable: `python tools/merge_adapter.py RUN_DIR --out DIR --unverified` writes the merged adapter "
+            "(it predates checkpoint manifests); start a new "
             "run directory to train again")
 
 
@@ -570,7 +526,7 @@ class ConsolidationResult:
 
 
 def consolidate(checkpoint: str | Path, out_dir: str | Path, *, config: str | Path | None = None,
-                tag: str | None = None, unmerged: bool = False) -> ConsolidationResult:
+                tag: str | None = None, unmerged: bool = False, unverified: bool = False) -> ConsolidationResult:
     """Checkpoint -> checked, merged adapter in ``out_dir`` (plus ``out_dir/unmerged`` if asked).
 
     Args:
@@ -580,13 +536,14 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, *, config: str | Pa
         tag: Checkpoint tag (default: ``latest``).
         unmerged: Also write the trained (unmerged MoSA) state to ``out_dir/unmerged`` for
             further training.
+        unverified: Accept a tag without a manifest (see :func:`read_zero_checkpoint`).
 
     Raises:
         CheckpointError: a missing, truncated or inconsistent checkpoint.
         CheckpointMismatch: the config or the partition does not match.
         ConfigError: an invalid config file.
     """
-    ckpt = read_zero_checkpoint(checkpoint, tag=tag)
+    ckpt = read_zero_checkpoint(checkpoint, tag=tag, unverified=unverified)
     run = run_dir_of(ckpt.path)
     run_cfg = load_config_file(run / "config.yaml") if run is not None else None
     if config is None and run_cfg is None:

@@ -34,7 +34,7 @@ from torch import nn
 
 from mosa_scale.adapters import inject_adapters, is_adapter_name
 from mosa_scale.adapters.inject import InjectionReport
-from mosa_scale.ckpt.adapter_file import read_adapter
+from mosa_scale.ckpt.adapter_file import MANIFEST, AdapterFileError, read_adapter
 from mosa_scale.ckpt.consolidate import HEAD_PREFIX, TOWER_PREFIX, run_config_from_plain, skeleton_config
 from mosa_scale.config.run import RunConfig
 
@@ -46,17 +46,64 @@ _MOSA_TENSOR = re.compile(r"\.(slices|slice\d+|assign|decay|dims|steps)$")
 
 
 def load_merged(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RunConfig]:
-    """Reads a merged adapter (checksums verified) and its run config.
+    """Reads a merged adapter (header, checksums and values verified) and its run config.
 
     Raises:
-        ValueError: when the adapter is an unmerged MoSA state.
+        ValueError: when the adapter is an unmerged MoSA state, or its files are damaged,
+            inconsistent or hold non-finite values (:class:`AdapterFileError`).
         FileNotFoundError: when a file is missing.
     """
     state, manifest = read_adapter(adapter_dir)
     if manifest.get("format") == "unmerged" or any(_MOSA_TENSOR.search(k) for k in state):
         raise ValueError(f"{adapter_dir}: an unmerged MoSA state; merge it first "
                          "(tools/merge_adapter.py CHECKPOINT --out DIR), then use DIR")
+    if not isinstance(manifest.get("config"), dict):
+        raise AdapterFileError(f"{Path(adapter_dir) / MANIFEST}: has no run 'config'; not a mosa_scale adapter")
     return state, manifest, run_config_from_plain(manifest["config"])
+
+
+def expected_shapes(cfg: RunConfig, num_classes: int,
+                    hf_config: Mapping[str, Any] | None = None) -> dict[str, tuple[int, ...]] | None:
+    """The merged (dense) adapter tensors and head weight ``cfg`` builds, from a meta-device
+    skeleton (nothing allocated); None when the backbone's architecture is not known here."""
+    from mosa_scale.config.run import HeadConfig
+    from mosa_scale.loop.model import build_model
+
+    sk = skeleton_config(cfg, hf_config)
+    if sk is None:
+        return None
+    dense = dataclasses.replace(sk.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
+    sk = dataclasses.replace(sk, adapter=dense, head=HeadConfig())  # a zero-shot head has the same weight shape
+    with torch.device("meta"):  # the adapters' and head's init draws too: shapes only, whatever the sizes
+        model, _, _ = build_model(sk, None, num_classes=num_classes, meta=True)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if is_adapter_name(k) and (not k.startswith(HEAD_PREFIX) or k == f"{HEAD_PREFIX}weight")}
+
+
+def check_fits(adapter_dir: str | Path, state: Mapping[str, torch.Tensor], manifest: Mapping[str, Any],
+               cfg: RunConfig, hf_config: Mapping[str, Any] | None = None) -> int:
+    """Checks a merged adapter's tensors against the model its manifest's config builds, on the meta
+    device, before any module is allocated; returns the number of classes.
+
+    Raises:
+        AdapterFileError: naming the tensors that are missing, unexpected or of another shape.
+    """
+    num_classes = manifest.get("num_classes")
+    if not isinstance(num_classes, int) or num_classes <= 0:
+        raise AdapterFileError(f"{Path(adapter_dir) / MANIFEST}: num_classes {num_classes!r} is not a positive int")
+    expected = expected_shapes(cfg, num_classes, hf_config)
+    if expected is None:
+        return num_classes
+    have = {k: tuple(v.shape) for k, v in state.items()
+            if not k.startswith(HEAD_PREFIX) or k == f"{HEAD_PREFIX}weight"}
+    diffs = [f"{k}: missing" for k in sorted(set(expected) - set(have))]
+    diffs += [f"{k}: not built by its config" for k in sorted(set(have) - set(expected))]
+    diffs += [f"{k}: {have[k]} in the file, {expected[k]} from its config" for k in sorted(set(have) & set(expected))
+              if have[k] != expected[k]]
+    if diffs:
+        raise AdapterFileError(f"{adapter_dir}: the tensors do not fit the model its adapter_config.json builds "
+                               f"({len(diffs)} difference(s)): " + "; ".join(diffs[:6]))
+    return num_classes
 
 
 def feature_prefix(state: Mapping[str, torch.Tensor]) -> str:
@@ -278,6 +325,7 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
 
     model = getattr(backbone_or_model, "model", backbone_or_model)
     state, manifest, cfg = load_merged(adapter_dir)
+    check_fits(adapter_dir, state, manifest, cfg, _library_config(model))
     prefix = feature_prefix(state)
     sk = skeleton_config(cfg, _library_config(model))
     if sk is None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
+import json
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -16,6 +20,10 @@ from mosa_scale.config.errors import Problems
 from mosa_scale.config.loader import build_dataclass, deep_merge, load_yaml, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# settings whose one home is the run config; a ds_configs file must not carry them
+RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+BUILTIN = "builtin:"
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,9 @@ class DataConfig:
     ``builtin:digits`` / ``builtin:fashion-mnist`` write shards of a built-in set into the run
     directory first. Training augmentation is RandomResizedCrop(``crop_scale``, ``crop_ratio``)
     plus an optional flip; ``crop_scale: [1, 1]`` and ``crop_ratio: [1, 1]`` give a plain resize
-    (VTAB-1k, position-sensitive tasks)."""
+    (VTAB-1k, position-sensitive tasks). Samples with an unreadable image or a label outside
+    [0, num_classes) are skipped and counted; more than ``max_skip_rate`` of them stops the run.
+    Shards a present index.json does not list are refused unless ``allow_unindexed``."""
 
     train: str = "builtin:digits"
     val: str | None = None
@@ -44,6 +54,8 @@ class DataConfig:
     hflip: bool = True
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    max_skip_rate: float = 0.05
+    allow_unindexed: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int | None = None
     checkpoint_every: int = 50
+    keep_checkpoints: int = 2
     log_every: int = 10
     max_bad_steps: int = 5
     gradient_checkpointing: bool = False
@@ -116,9 +129,11 @@ class RunConfig:
         return self.train.global_batch // (self.train.micro_batch * world_size)
 
 
-def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
-    """Cross-field checks: batch arithmetic, ranges, files that must exist. Sections that failed
-    to build (None) are skipped so the other sections' problems are still reported."""
+def check_run(cfg: RunConfig, world_size: int, p: Problems, *, files: bool = True) -> None:
+    """Cross-field checks: batch arithmetic, ranges, the ZeRO file; with ``files``, also the data
+    and backbone files this machine must have (shard paths and their index, the number of classes,
+    an OpenCLIP name, an HF ``config.json``). Sections that failed to build (None) are skipped so
+    the other sections' problems are still reported."""
     t, o = cfg.train, cfg.optim
     if t is None or o is None or cfg.data is None or cfg.head is None or cfg.model is None:
         if t is not None:
@@ -140,9 +155,12 @@ def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
         p.add("data.crop_ratio", f"got {cfg.data.crop_ratio}; need 0 < min <= max")
     if cfg.data.workers < 0:
         p.add("data.workers", f"got {cfg.data.workers}; must be >= 0")
-    zero = Path(t.zero_config)
-    if not zero.is_file() and not (REPO_ROOT / zero).is_file():
-        p.add("train.zero_config", f"file {t.zero_config!r} does not exist (see ds_configs/)")
+    if not 0 <= cfg.data.max_skip_rate <= 1:
+        p.add("data.max_skip_rate", f"got {cfg.data.max_skip_rate}; must be in [0, 1]")
+    _check_zero_config(t.zero_config, p)
+    if files:
+        _check_data_paths(cfg.data, p)
+        _check_backbone_files(cfg.model, p)
     if cfg.head.kind == "zeroshot" and cfg.model.family != "openclip":
         p.add("head.kind", "'zeroshot' needs model.family 'openclip' (its text tower makes the head)")
     if cfg.head.kind == "zeroshot" and not cfg.head.class_names:
@@ -152,8 +170,8 @@ def check_run(cfg: RunConfig, world_size: int, p: Problems) -> None:
 
 
 def _check_batches(t: TrainConfig, world_size: int, p: Problems) -> None:
-    for name in ("steps", "global_batch", "micro_batch", "eval_every", "checkpoint_every", "log_every",
-                 "max_bad_steps"):
+    for name in ("steps", "global_batch", "micro_batch", "eval_every", "checkpoint_every", "keep_checkpoints",
+                 "log_every", "max_bad_steps"):
         if getattr(t, name) <= 0:
             p.add(f"train.{name}", f"got {getattr(t, name)}; must be > 0")
     if t.micro_batch > 0 and t.global_batch > 0 and t.global_batch % (t.micro_batch * world_size):
@@ -161,18 +179,132 @@ def _check_batches(t: TrainConfig, world_size: int, p: Problems) -> None:
               f"world size ({world_size}) for any whole accumulation; use a multiple of {t.micro_batch * world_size}")
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1) -> RunConfig:
+def _check_zero_config(value: str, p: Problems) -> None:
+    """The DeepSpeed file exists, is JSON and holds none of the settings the run config owns."""
+    path = Path(value) if Path(value).is_file() else REPO_ROOT / value
+    if not path.is_file():
+        p.add("train.zero_config", f"file {value!r} does not exist (see ds_configs/)")
+        return
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        p.add("train.zero_config", f"file {str(path)!r} is not valid JSON ({e})")
+        return
+    if not isinstance(ds, dict):
+        p.add("train.zero_config", f"file {str(path)!r} must hold a JSON object")
+        return
+    for key in RUN_OWNED:
+        if key in ds:
+            p.add("train.zero_config", f"file {str(path)!r} sets {key}={json.dumps(ds[key])}; it comes from the run "
+                  "config (train.*, optim.clip_grad): remove it from the DeepSpeed file")
+
+
+def _local(spec: str) -> bool:
+    return not spec.startswith(BUILTIN) and "://" not in spec and not spec.startswith(("pipe:", "file:"))
+
+
+def _check_data_paths(d: DataConfig, p: Problems) -> None:
+    """Local shard specs exist, a folder's index.json is readable, and the number of classes is known."""
+    from mosa_scale.data.builtin import BUILTIN_SETS  # no torchvision, no webdataset
+
+    index_classes = None
+    for key, spec in (("data.train", d.train), ("data.val", d.val)):
+        if spec is None:
+            continue
+        if spec.startswith(BUILTIN):
+            if spec[len(BUILTIN):] not in BUILTIN_SETS:
+                p.add(key, f"got {spec!r}; built-in sets are " + ", ".join(f"'{BUILTIN}{n}'" for n in BUILTIN_SETS))
+            continue
+        if not _local(spec):
+            continue
+        if os.path.isdir(spec):
+            index = Path(spec) / "index.json"
+            if index.is_file():
+                try:
+                    classes = json.loads(index.read_text()).get("num_classes")
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                    p.add(key, f"{spec!r}: file {str(index)!r} is not a readable shard index ({e}); write it again "
+                          "with tools/make_shards.py")
+                    continue
+                if key == "data.train":
+                    index_classes = classes
+            elif not any(f.name.endswith((".tar", ".tar.gz", ".tgz")) for f in Path(spec).iterdir()):
+                p.add(key, f"folder {spec!r} holds no index.json and no .tar shards (write them with "
+                      "tools/make_shards.py)")
+            continue
+        if "{" in spec or "::" in spec:
+            from webdataset.shardlists import expand_urls
+
+            try:
+                files = [u for part in spec.split("::") for u in expand_urls(part)]
+            except ValueError as e:
+                p.add(key, f"got {spec!r}: not a brace pattern ({e})")
+                continue
+            gone = [f for f in files if not os.path.isfile(f)]
+            if gone:
+                p.add(key, f"{len(gone)} of the {len(files)} shard file(s) of {spec!r} do not exist, e.g. {gone[0]!r}")
+        elif not os.path.isfile(spec):
+            p.add(key, f"{spec!r} does not exist (a shard folder, a .tar file, a brace pattern, pipe:... or "
+                  f"'{BUILTIN}digits')")
+    if d.num_classes is None and not d.train.startswith(BUILTIN) and index_classes is None:
+        p.add("data.num_classes", f"not set, and data.train={d.train!r} is not a folder with an index.json to read "
+              "it from; set data.num_classes")
+    elif d.num_classes is not None and index_classes is not None and d.num_classes != index_classes:
+        p.add("data.num_classes", f"got {d.num_classes}, but {os.path.join(d.train, 'index.json')!r} lists "
+              f"{index_classes} classes; leave it unset or make them agree")
+
+
+def _openclip_config_names() -> list[str] | None:
+    """OpenCLIP's built-in model names, from its model_configs folder (without importing it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model_configs"
+    return sorted(f.stem for f in folder.glob("*.json")) if folder.is_dir() else None
+
+
+def _check_backbone_files(m: BackboneConfig, p: Problems) -> None:
+    """An OpenCLIP name that exists; an HF ``pretrained`` folder with a readable config.json."""
+    if m.family == "openclip" and m.openclip_cfg is None and not m.name.startswith(("hf-hub:", "local-dir:")):
+        names = _openclip_config_names()
+        if names is not None and m.name not in names:
+            close = difflib.get_close_matches(m.name, names, n=3)
+            p.add("model.name", f"got {m.name!r}; not an OpenCLIP model (did you mean {', '.join(map(repr, close))}?); "
+                  "or give the architecture as model.openclip_cfg")
+    if m.family != "openclip" and m.pretrained is not None:
+        folder = Path(m.pretrained).expanduser()
+        conf = folder / "config.json"
+        if not folder.is_dir():
+            p.add("model.pretrained", f"{m.pretrained!r} is not a folder (a save_pretrained folder with config.json)")
+        elif not conf.is_file():
+            p.add("model.pretrained", f"{m.pretrained!r} has no config.json (a save_pretrained folder is needed)")
+        else:
+            try:
+                json.loads(conf.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                p.add("model.pretrained", f"file {str(conf)!r} is not valid JSON ({e}); copy the model again")
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1,
+                    check_files: bool = True) -> RunConfig:
     """Loads, overrides, type-checks and validates a run config.
+
+    Args:
+        path: The YAML file (None: defaults).
+        overrides: Dotted ``key=value`` overrides.
+        world_size: Ranks the run will have (batch arithmetic).
+        check_files: Also check the data and backbone files exist here (off to read a config
+            written for another machine, e.g. a recipe or a finished run's config.yaml).
 
     Raises:
         ConfigError: listing every problem found (unknown keys, wrong types, bad values, batch
-            sizes that do not multiply out).
+            sizes that do not multiply out, missing or unreadable files).
     """
     p = Problems()
     data = load_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides, p))
     built = _build_sections(data, p)
-    check_run(types.SimpleNamespace(**built), world_size, p)  # type: ignore[arg-type]
+    check_run(types.SimpleNamespace(**built), world_size, p, files=check_files)  # type: ignore[arg-type]
     p.raise_if_any()
     return RunConfig(**built)
 

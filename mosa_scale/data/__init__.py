@@ -27,6 +27,8 @@ _EXPORTS = {
     "fashion_mnist_available": "builtin",
     "load_builtin": "builtin",
     "next_epoch": "state",
+    "DataError": "errors",
+    "SourceError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -50,13 +50,14 @@ class _EpochStream(IterableDataset):
     def __init__(self, shards: ShardSet, plan: EpochPlan, *, skip: Sequence[int],
                  first_worker: int, transform: ImageTransform, mean: Sequence[float],
                  std: Sequence[float], batch_size: int, seed: int, epoch: int, rank: int,
-                 resampled: bool, buffer: int) -> None:
+                 resampled: bool, buffer: int, num_classes: int | None = None) -> None:
         super().__init__()
         self.shards, self.plan, self.skip = shards, plan, tuple(skip)
         self.first_worker, self.transform = first_worker, transform
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.seed, self.epoch, self.rank = batch_size, seed, epoch, rank
         self.resampled, self.buffer = resampled, buffer
+        self.num_classes = num_classes
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -108,6 +109,8 @@ class _EpochStream(IterableDataset):
                 if "__error__" in sample:
                     raise CorruptSample(str(sample["__error__"]))
                 label = parse_label(sample)
+                if self.num_classes is not None and not 0 <= label < self.num_classes:
+                    raise CorruptSample(f"label {label} is outside [0, num_classes={self.num_classes})")
                 image = decode_image(sample)
             except CorruptSample as exn:
                 skipped["corrupt"] += 1
@@ -224,7 +227,8 @@ def build_loader(spec: DataSpec | str | Sequence[str], *, image_size: int,
                  rank: int, world_size: int, num_workers: int, seed: int, epoch: int,
                  resampled: bool = False, start_batch: int = 0,
                  resume: Mapping[str, int | str] | None = None,
-                 shards: ShardSet | None = None, pin_memory: bool = False) -> StreamLoader:
+                 shards: ShardSet | None = None, pin_memory: bool = False,
+                 num_classes: int | None = None) -> StreamLoader:
     """Build the loader of one rank for one epoch.
 
     Every rank yields `num_batches` batches of exactly `batch_size` slots. Slots that hold no
@@ -258,6 +262,8 @@ def build_loader(spec: DataSpec | str | Sequence[str], *, image_size: int,
         resume: A `StreamLoader.state_dict()` of this epoch; validated, then resumed from.
         shards: Shards already resolved from `spec` (saves re-reading the index each epoch).
         pin_memory: Pin batches for faster host-to-GPU copies.
+        num_classes: Labels outside [0, num_classes) make a sample corrupt (skipped, counted
+            and logged with its shard, key and label); None accepts any label.
 
     Returns:
         The loader; iterate it once.
@@ -289,7 +295,7 @@ def build_loader(spec: DataSpec | str | Sequence[str], *, image_size: int,
     dataset = _EpochStream(shards, plan, skip=skip, first_worker=first, transform=transform,
                            mean=mean, std=std, batch_size=batch_size, seed=seed, epoch=epoch,
                            rank=rank, resampled=resampled,
-                           buffer=spec.shuffle_buffer if train else 0)
+                           buffer=spec.shuffle_buffer if train else 0, num_classes=num_classes)
     logger.info("rank %d epoch %d: %d shards, %d batches of %d%s", rank, epoch,
                 len(shards.urls), plan.num_batches, batch_size,
                 f", resuming at batch {start_batch}" if start_batch else "")

@@ -4,6 +4,10 @@ Samples are split by a seeded shuffle, written in that shuffled order (so every 
 classes), and cut into shards of at most `samples_per_shard` samples and `max_shard_bytes`
 bytes on disk. Each sample holds the image (`jpg`/`png`/`webp`), `cls` (class index) and `json`
 ({"label", "class", "origin"}). `index.json`, written last, lists shards, counts and classes.
+
+Nothing partial is ever left under a final name: each shard is written to `<name>.tmp` and renamed
+when complete, `index.json` likewise, last. On any error or interrupt every file this call wrote
+is removed again, and a source file that is not an image is named in the error.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset import TarWriter
 
 from mosa_scale.data.builtin import BUILTIN_SETS, ImageArrays, load_builtin
+from mosa_scale.data.errors import SourceError
 from mosa_scale.data.spec import INDEX_NAME
 
 __all__ = [
@@ -71,14 +76,29 @@ class ImageSource:
         return len(self.labels)
 
 
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def _read_file(path: str) -> tuple[bytes, str]:
+    """The file's bytes (jpg/png/webp as they are, others re-encoded as PNG).
+
+    Raises:
+        SourceError: naming the file, when it cannot be read or its header is not an image's.
+    """
     ext = os.path.splitext(path)[1].lower()
-    if ext in _STORED:
+    try:
         with open(path, "rb") as f:
-            return f.read(), _STORED[ext]
-    buf = io.BytesIO()
-    with Image.open(path) as image:
-        image.save(buf, format="PNG")
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as image:  # reads the header: a file that is no image stops here
+            if ext in _STORED:
+                return data, _STORED[ext]
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+    except _IMAGE_ERRORS as exn:
+        why = "its header is no known image format" if isinstance(exn, UnidentifiedImageError) else \
+            f"{type(exn).__name__}: {exn}"
+        raise SourceError(f"source file {path} cannot be read as an image ({why}); remove or replace it and "
+                          "run make_shards again") from exn
     return buf.getvalue(), "png"
 
 
@@ -345,7 +365,8 @@ def _prepare_out(out: str, overwrite: bool) -> None:
 
 
 class _SplitWriter:
-    """Shards of one split, cut by sample count and on-disk bytes; written via a .tmp file."""
+    """Shards of one split, cut by sample count and on-disk bytes; each written to a .tmp file and
+    renamed only once complete (`close`); `abort` removes the unfinished one."""
 
     def __init__(self, out: str, split: str, max_samples: int, max_bytes: int) -> None:
         self.out, self.split = out, split
@@ -383,6 +404,7 @@ class _SplitWriter:
         self._payload = 0
 
     def close(self) -> None:
+        """Finishes the open shard and gives it its final name."""
         if self._writer is None:
             return
         self._writer.close()
@@ -391,6 +413,16 @@ class _SplitWriter:
         os.replace(path + ".tmp", path)
         self.sizes.append(os.path.getsize(path))
         self._writer = None
+
+    def abort(self) -> None:
+        """Drops the open shard (its .tmp file); finished shards stay for the caller to remove."""
+        if self._writer is not None:
+            self._writer.close()
+            self._file.close()
+            os.remove(os.path.join(self.out, self.names[-1] + ".tmp"))
+            self.names.pop()
+            self.counts.pop()
+            self._writer = None
 
 
 def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int = 1000,
@@ -417,7 +449,9 @@ def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int =
         FileNotFoundError: Missing source.
         FileExistsError: Non-empty `out` without `overwrite`.
         MissingDatasetError: Fashion-MNIST is not installed.
+        SourceError: A source file that is not an image (named); nothing is left in `out`.
         ValueError: Bad arguments, bad CSV rows, or a split that would get no sample.
+        KeyboardInterrupt: Interrupted; nothing is left in `out`.
     """
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be > 0, got {samples_per_shard}")
@@ -438,27 +472,39 @@ def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int =
     index: dict = {"format": "mosa_scale.shards/1", "source": src.name, "seed": seed,
                    "fractions": fractions, "classes": list(src.classes),
                    "num_classes": len(src.classes), "splits": {}}
-    start = 0
-    with tqdm(total=len(order), desc=f"writing shards to {out}", unit="img", file=sys.stderr,
-              disable=not progress) as bar:
-        for split, n in sizes.items():
-            writer = _SplitWriter(out, split, samples_per_shard, max_bytes)
-            try:
-                for j, i in enumerate(order[start:start + n].tolist()):
-                    data, field = src.read(i)
-                    label = src.labels[i]
-                    meta = {"label": label, "class": src.classes[label], "origin": src.origin(i)}
-                    writer.write({"__key__": f"{split}-{j:08d}", field: data,
-                                  "cls": str(label).encode(), "json": json.dumps(meta).encode()})
-                    bar.update(1)
-            finally:
-                writer.close()
-            start += n
-            index["splits"][split] = {"shards": writer.names, "num_samples": n,
-                                      "per_shard": writer.counts, "bytes": writer.sizes}
-    with open(os.path.join(out, INDEX_NAME + ".tmp"), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(out, INDEX_NAME + ".tmp"), os.path.join(out, INDEX_NAME))
+    start, written = 0, []
+    try:
+        with tqdm(total=len(order), desc=f"writing shards to {out}", unit="img", file=sys.stderr,
+                  disable=not progress) as bar:
+            for split, n in sizes.items():
+                writer = _SplitWriter(out, split, samples_per_shard, max_bytes)
+                try:
+                    for j, i in enumerate(order[start:start + n].tolist()):
+                        data, field = src.read(i)
+                        label = src.labels[i]
+                        meta = {"label": label, "class": src.classes[label], "origin": src.origin(i)}
+                        writer.write({"__key__": f"{split}-{j:08d}", field: data,
+                                      "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+                        bar.update(1)
+                except BaseException:
+                    writer.abort()  # the shard being written is incomplete: never renamed
+                    raise
+                finally:
+                    writer.close()
+                    written += writer.names
+                start += n
+                index["splits"][split] = {"shards": writer.names, "num_samples": n,
+                                          "per_shard": writer.counts, "bytes": writer.sizes}
+        with open(os.path.join(out, INDEX_NAME + ".tmp"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1)
+        os.replace(os.path.join(out, INDEX_NAME + ".tmp"), os.path.join(out, INDEX_NAME))
+    except BaseException:
+        for name in [*written, INDEX_NAME + ".tmp"]:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        logger.warning("make_shards stopped: removed the %d shard(s) it had written to %s", len(written),
+                       out)
+        raise
     logger.info("wrote %d samples in %d shards to %s", len(order),
                 sum(len(s["shards"]) for s in index["splits"].values()), out)
     return index

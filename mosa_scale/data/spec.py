@@ -24,6 +24,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from mosa_scale.data.errors import DataError
+
 __all__ = [
     "DataSpec",
     "INDEX_NAME",
@@ -60,6 +62,9 @@ class DataSpec:
         crop_ratio: RandomResizedCrop aspect ratio range.
         hflip: Random horizontal flip in training.
         interpolation: Resampling filter of crops and resizes.
+        allow_unindexed: Read shards that a present index.json does not list (counted by
+            reading them). By default they are refused: a shard missing from its index is a
+            partial or foreign file.
     """
 
     shards: str | tuple[str, ...]
@@ -71,6 +76,7 @@ class DataSpec:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    allow_unindexed: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.shards, str):
@@ -243,6 +249,8 @@ def resolve_shards(spec: DataSpec | str | Sequence[str], *, count: bool = True) 
         ValueError: No shards, an unreadable index or an unknown split. A shard that is
             neither in an index nor fully readable is planned with the samples read before the
             error, and logged.
+        DataError: Shards that a present index.json does not list (unless
+            ``spec.allow_unindexed``).
     """
     if not isinstance(spec, DataSpec):
         spec = DataSpec(shards=spec if isinstance(spec, str) else tuple(spec))
@@ -257,6 +265,11 @@ def resolve_shards(spec: DataSpec | str | Sequence[str], *, count: bool = True) 
     known = _index_sizes(index)
     sizes = [known.get(shard_name(u)) for u in urls]
     missing = [u for u, n in zip(urls, sizes) if n is None]
+    if missing and index_path and not spec.allow_unindexed:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"{len(missing)} shard(s) are not listed in {index_path}: {shown}. A shard its index does not "
+                        "list is a partial or foreign file: remove it or rewrite the index with tools/make_shards.py "
+                        "(allow_unindexed / data.allow_unindexed=true reads it anyway)")
     if missing and not count:
         return ShardSet(urls=tuple(urls), sizes=None, classes=tuple(index.get("classes", ())))
     if missing:

@@ -14,15 +14,11 @@ import torch
 import torch.distributed as dist
 
 from mosa_scale.config.errors import ConfigError
-from mosa_scale.config.run import REPO_ROOT, RunConfig
+from mosa_scale.config.run import REPO_ROOT, RUN_OWNED, RunConfig
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.optim.adamw import Fragment
 
 log = logging.getLogger(__name__)
-
-# settings whose one home is the run config; a ds_configs file must not carry them
-RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -40,8 +36,29 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
+    _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Removes the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    With all ranks on one machine, DeepSpeed's CPU backend shares a 69 MB buffer per rank through
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` and never unlinks it: every
+    launch left them behind (memory no process frees), and a later launch on the same port opened
+    the stale buffers. The mappings stay valid after the unlink; nothing is left once the ranks end,
+    however they end.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()  # every rank has opened every other rank's buffer: the names are no longer needed
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except FileNotFoundError:  # ranks on several machines, or not the CPU backend: no buffer
+        pass
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from mosa_scale.adapters import is_adapter_name
 from mosa_scale.backbones import Backbone
-from mosa_scale.ckpt.export import load_merged
+from mosa_scale.ckpt.export import check_fits, load_merged
 from mosa_scale.config.run import RunConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def load_merged_classifier(adapter_dir: str | Path, *, pretrained: str | None = 
     model_cfg = cfg.model if pretrained is None else dataclasses.replace(cfg.model, pretrained=pretrained)
     dense = dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
     cfg = dataclasses.replace(cfg, model=model_cfg, adapter=dense)
-    model, backbone, _ = build_model(cfg, None, num_classes=int(manifest["num_classes"]))
+    num_classes = check_fits(adapter_dir, state, manifest, cfg)  # on the meta device, before building
+    model, backbone, _ = build_model(cfg, None, num_classes=num_classes)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if is_adapter_name(k)]
     if missing or unexpected:
@@ -126,7 +127,8 @@ def evaluate_adapter(adapter_dir: str | Path, data: str, *, split: str | None = 
     img = backbone.image
     loader = build_loader(DataSpec(shards=data, split=split), image_size=cfg.data.image_size or img.size,
                           mean=img.mean, std=img.std, train=False, batch_size=batch_size, rank=0, world_size=1,
-                          num_workers=workers, seed=cfg.train.seed, epoch=0)
+                          num_workers=workers, seed=cfg.train.seed, epoch=0,
+                          num_classes=int(model.mosa_head.weight.shape[0]))
     result = evaluate(model, loader, num_classes=int(model.mosa_head.weight.shape[0]), device=device,
                       max_batches=max_batches, keep_logits=keep_logits)
     result.extra = {"adapter": str(adapter_dir), "data": data, "split": split,

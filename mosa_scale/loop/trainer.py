@@ -19,21 +19,23 @@ from tqdm import tqdm
 from mosa_scale.backbones import enable_gradient_checkpointing
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter
 from mosa_scale.ckpt.consolidate import refuse_legacy_layout
+from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config.loader import to_plain
-from mosa_scale.config.run import RunConfig
-from mosa_scale.data import IGNORE_INDEX, DataSpec, build_loader, make_shards
+from mosa_scale.config.run import BUILTIN, RunConfig
+from mosa_scale.data import IGNORE_INDEX, DataError, DataSpec, build_loader, make_shards
 from mosa_scale.engine import checkpoint as ckpt
+from mosa_scale.engine.agree import on_rank0
 from mosa_scale.engine.deepspeed_engine import (all_reduce_sum, barrier, deepspeed_config, full_fp32_params,
                                                 init_distributed, initialize)
 from mosa_scale.loop.flops import peak_flops, step_flops, throughput_metrics
 from mosa_scale.loop.metrics import MetricLogger
 from mosa_scale.loop.model import build_model
+from mosa_scale.loop.rundir import RunDirError, RunLock
 from mosa_scale.loss import HiddenCapture, consistency_loss
 from mosa_scale.optim import MoSAAdamW, sparse_layers
 from mosa_scale.sparse import Router
 
 log = logging.getLogger(__name__)
-BUILTIN = "builtin:"
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -62,7 +64,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[DataSpec, Da
         num_classes = int(json.loads((index_dir / "index.json").read_text())["num_classes"])
     if num_classes is None:
         raise ValueError("data.num_classes is needed: the train shards have no index.json to read it from")
-    common = dict(shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio)
+    common = dict(shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio,
+                  allow_unindexed=d.allow_unindexed)
     train_spec = DataSpec(shards=train, split="train" if index_dir is not None else None, **common)
     val_spec = DataSpec(shards=val, split="val" if val == str(index_dir) else None, **common) if val else None
     return train_spec, val_spec, num_classes
@@ -79,6 +82,13 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # before anything is built or written: one run per directory, and a checkpoint to resume
+        # from is known and every file of it verified (all ranks refuse alike, none waits)
+        self.lock = on_rank0(lambda: RunLock.acquire(self.run_dir), errors=(RunDirError,))
+        self.resume_from = on_rank0(lambda: ckpt.resume_tag(self.ckpt_dir), errors=(CheckpointError,), share=True)
+        if self.resume_from is not None:
+            refuse_legacy_layout(self.ckpt_dir / self.resume_from)  # before the manifest check: says what it is
+            ckpt.verify(self.ckpt_dir, self.resume_from)
         self.gas = cfg.accumulation(self.world)
         self.passes = 2 if cfg.consistency.enabled else 1
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, replayable
@@ -103,7 +113,9 @@ class Trainer:
                                      else cfg.train.precision)
         self.metrics = MetricLogger(self.run_dir, self.rank)
         self.step, self.epoch, self.data_state, self.bad_in_row, self.bad_total = 0, 0, None, 0, 0
-        self.skipped = {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}
+        self.skipped = {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}  # this rank's, whole run
+        self.valid, self.epoch_valid = 0, 0  # this rank's valid samples: whole run, this epoch
+        self.last_eval: dict[str, float] = {}
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
             log.info("%s", self.report.format())
@@ -118,7 +130,8 @@ class Trainer:
         return build_loader(spec, image_size=self.cfg.data.image_size or img.size, mean=img.mean, std=img.std,
                             train=train, batch_size=self.cfg.train.micro_batch, rank=self.rank,
                             world_size=self.world, num_workers=self.cfg.data.workers, seed=self.cfg.train.seed,
-                            epoch=epoch, resampled=self.cfg.data.resampled and train, resume=resume)
+                            epoch=epoch, resampled=self.cfg.data.resampled and train, resume=resume,
+                            num_classes=self.num_classes)
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Training batches across epochs; ``self.data_state`` is the position after the last one."""
@@ -130,9 +143,32 @@ class Trainer:
                 self.data_state = loader.state_dict()
                 for k, v in batch["skipped"].items():
                     self.skipped[k] = self.skipped.get(k, 0) + v
+                n = int(batch["valid"].sum())
+                self.valid, self.epoch_valid = self.valid + n, self.epoch_valid + n
                 yield batch
+            # every rank ends the epoch at the same batch: the sums line up
+            epoch_valid, valid, corrupt, missing = all_reduce_sum(
+                [float(self.epoch_valid), float(self.valid), float(self.skipped["corrupt"]),
+                 float(self.skipped["missing"])])
+            if epoch_valid == 0:
+                raise DataError(f"epoch {self.epoch} gave no valid sample on any of the {self.world} rank(s) (data."
+                                f"train={self.cfg.data.train!r}, {len(loader.shards.urls)} shard(s); this rank skipped "
+                                f"{self.skipped}): the shards are empty, unreadable or every label is outside "
+                                f"[0, {self.num_classes}); see the warnings above")
+            self._check_losses(valid, corrupt, missing, judge=True)
             self.epoch += 1
-            self.data_state = None
+            self.data_state, self.epoch_valid = None, 0
+
+    def _check_losses(self, valid: float, corrupt: float, missing: float, *, judge: bool) -> None:
+        """Stops the run (every rank alike: the counts are all ranks' sums) when the share of lost
+        samples passes ``data.max_skip_rate``; early in a run a few bad samples are a large share,
+        so it is judged at epoch ends (``judge``) and once 10 global batches were read."""
+        lost, limit = corrupt + missing, self.cfg.data.max_skip_rate
+        if (judge or valid + lost >= 10 * self.cfg.train.global_batch) and lost > limit * (valid + lost):
+            raise DataError(f"{lost:.0f} of {valid + lost:.0f} samples read so far were lost ({corrupt:.0f} corrupt "
+                            f"or out-of-range labels, {missing:.0f} missing from truncated shards), more than data."
+                            f"max_skip_rate={limit}; see the warnings above for the shards and keys, fix the data or "
+                            "raise data.max_skip_rate")
 
     # ---------------------------------------------------------------- step
     def _forward_loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -197,9 +233,10 @@ class Trainer:
         for name, layer in self.sparse.items():
             for k in range(layer.num_experts):
                 out[f"experts/{name}/{k}"] = float(counts[layer.route_id, k])
-        totals = all_reduce_sum([float(v) for v in self.skipped.values()])  # every rank's losses
+        *totals, valid = all_reduce_sum([*(float(v) for v in self.skipped.values()), float(self.valid)])  # all ranks'
         for k, v in zip(self.skipped, totals):
             out[f"data/skipped_{k}"] = v
+        self._check_losses(valid, out["data/skipped_corrupt"], out["data/skipped_missing"], judge=False)
         return out
 
     # ---------------------------------------------------------------- eval
@@ -236,24 +273,25 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
         client = {"step": self.step, "epoch": self.epoch, "router": self.router.state_dict(),
-                  "bad_total": self.bad_total, "skipped": self.skipped}
-        ckpt.save(self.engine, self.ckpt_dir, self.step, client_state=client,
-                  rank_state={"rng": ckpt.rng_state(), "data": self.data_state, "epoch": self.epoch})
+                  "bad_total": self.bad_total, "last_eval": self.last_eval}
+        rank_state = {"rng": ckpt.rng_state(), "data": self.data_state, "epoch": self.epoch,
+                      "skipped": self.skipped, "valid": self.valid, "epoch_valid": self.epoch_valid}
+        ckpt.save(self.engine, self.ckpt_dir, self.step, client_state=client, rank_state=rank_state,
+                  keep=self.cfg.train.keep_checkpoints)
 
     def maybe_resume(self) -> None:
-        tag = ckpt.latest_tag(self.ckpt_dir)
-        if tag is not None:
-            refuse_legacy_layout(self.ckpt_dir / tag)
-        loaded = ckpt.load(self.engine, self.ckpt_dir)
-        if loaded is None:
+        if self.resume_from is None:
             return
-        client, rank_state = loaded
+        client, rank_state = ckpt.load(self.engine, self.ckpt_dir, self.resume_from)
         self.router.load_state_dict(client["router"])
-        self.step, self.bad_total, self.skipped = client["step"], client["bad_total"], client["skipped"]
+        self.step, self.bad_total = client["step"], client["bad_total"]
+        self.last_eval = dict(client.get("last_eval") or {})
         self.epoch, self.data_state = rank_state["epoch"], rank_state["data"]
+        self.skipped, self.valid = dict(rank_state["skipped"]), rank_state["valid"]
+        self.epoch_valid = rank_state["epoch_valid"]
         ckpt.set_rng_state(rank_state["rng"])
         if self.rank == 0:
-            log.info("resumed from %s at step %d", ckpt.latest_tag(self.ckpt_dir), self.step)
+            log.info("resumed from %s at step %d", self.resume_from, self.step)
 
     # ---------------------------------------------------------------- adapter
     def merged_adapter(self) -> dict[str, torch.Tensor]:
@@ -279,7 +317,6 @@ class Trainer:
         self.maybe_resume()
         batches = self._batches()
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        last_eval: dict[str, float] = {}
         self.engine.module.train()
         while self.step < t.steps:
             stats = self.train_step(batches)
@@ -292,21 +329,28 @@ class Trainer:
                     log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s", self.step, t.steps, stats["loss/ce"],
                              stats["lr"], stats["throughput/samples_per_s"])
             if self.step % t.eval_every == 0 or self.step == t.steps:
-                last_eval = self.evaluate()
-                if last_eval:
-                    self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in last_eval.items()})
-                    self.metrics.evaluation({"step": self.step, **last_eval})
+                self.last_eval = self.evaluate()
+                if self.last_eval:
+                    self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in self.last_eval.items()})
+                    self.metrics.evaluation({"step": self.step, **self.last_eval})
                     if self.rank == 0:
-                        log.info("step %d eval top1 %.4f", self.step, last_eval["top1"])
+                        log.info("step %d eval top1 %.4f", self.step, self.last_eval["top1"])
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save_checkpoint()
+                if self.bad_in_row:  # never a checkpoint inside a non-finite streak: `latest` stays good
+                    if self.rank == 0:
+                        log.warning("step %d: no checkpoint, the last %d step(s) had a non-finite loss", self.step,
+                                    self.bad_in_row)
+                else:
+                    self.save_checkpoint()
             self.metrics.flush()
         bar.close()
         path = self.write_adapter()
         if path is not None:
             log.info("merged adapter written to %s", path)
         self.metrics.close()
-        return last_eval
+        if self.lock is not None:
+            self.lock.release()
+        return self.last_eval
 
 
 def peak_memory_mb() -> float:

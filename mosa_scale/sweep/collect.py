@@ -73,7 +73,7 @@ def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
 
     row: dict[str, Any] = {"ranks": ranks}
     if (run_dir / "config.yaml").is_file():
-        cfg = load_run_config(run_dir / "config.yaml", world_size=ranks)
+        cfg = load_run_config(run_dir / "config.yaml", world_size=ranks, check_files=False)
         m = cfg.model
         row.update(family=m.family, backbone=m.name if m.family == "openclip" else m.family,
                    method=cfg.adapter.method, num_experts=cfg.adapter.num_experts,

@@ -198,6 +198,12 @@ def test_missing_shard_is_refused(zero_run, tmp_path, stage, missing):
     (_tag_dir(run) / missing).unlink()
     with pytest.raises(CheckpointError) as e:
         consolidate(run, tmp_path / "out")
+    assert f"{_tag_dir(run) / missing}: missing (the manifest lists it" in str(e.value)  # the manifest's check
+    manifest = json.loads((_tag_dir(run) / "manifest.json").read_text())
+    del manifest["files"][missing]  # a manifest that agrees: the layout check still finds the gap
+    (_tag_dir(run) / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as e:
+        consolidate(run, tmp_path / "out")
     assert f"written by 2 rank(s) under ZeRO-{stage}, but {missing} is missing" in str(e.value)
     assert not (tmp_path / "out").exists()
 

@@ -21,12 +21,17 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_zero2_run"
 def test_legacy_checkpoint_consolidates_to_the_adapter_its_run_wrote(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
-    ck = read_zero_checkpoint(run)
+    with pytest.raises(CheckpointError, match="manifest.json does not exist"):  # it predates manifests
+        read_zero_checkpoint(run)
+    with pytest.raises(CheckpointError, match="manifest.json does not exist"):
+        consolidate(run, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    ck = read_zero_checkpoint(run, unverified=True)  # the explicit opt-in
     assert ck.legacy_layout and ck.stage == 2 and ck.world_size == 2 and ck.step == 6
     assert any(k.endswith(".slice3") for k in ck.params)  # really the old layout
     state = ck.trained_state()
     assert not legacy_layers(state) and any(k.endswith(".slices") for k in state)
-    result = consolidate(run, tmp_path / "out")
+    result = consolidate(run, tmp_path / "out", unverified=True)
     merged, _ = read_adapter(result.merged_dir)
     written, _ = read_adapter(run / "adapter")  # what the old training run merged itself
     assert merged.keys() == written.keys() and len(merged) > 4

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch_util import REPO, deepspeed_cmd, deepspeed_launch, launch_env
+from mosa_scale.ckpt.safe_load import load_weights_only
 
 TRAIN = REPO / "launchers" / "train.py"
 CONFIG = REPO / "tests" / "engine" / "tiny_run.yaml"
@@ -86,7 +87,7 @@ def test_checkpoints_hold_no_frozen_backbone(full_run):
     tag = (run / "checkpoints" / "latest").read_text().strip()
     files = list((run / "checkpoints" / tag).glob("*model_states.pt"))
     assert files
-    state = torch.load(files[0], weights_only=False)
+    state = load_weights_only(files[0])
     keys = list(state["module"].keys()) if state.get("module") else []
     assert keys and all("mosa_" in k for k in keys), [k for k in keys if "mosa_" not in k][:5]
     # all checkpoints together stay far below one copy of the frozen tower (about 27k fp32 values)
@@ -152,7 +153,7 @@ def test_bf16_zero3_keeps_mosa_buffers_and_adapter_in_fp32(tmp_path):
     merged = load_file(str(run / "adapter" / "adapter.safetensors"))
     assert merged and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in merged.values())
     tag = (run / "checkpoints" / "latest").read_text().strip()
-    module = torch.load(next((run / "checkpoints" / tag).glob("*model_states.pt")), weights_only=False)["module"]
+    module = load_weights_only(next((run / "checkpoints" / tag).glob("*model_states.pt")))["module"]
     buffers = {k: v for k, v in module.items() if k.endswith((".base", ".decay"))}
     assert buffers and all(v.dtype == torch.float32 for v in buffers.values())
     # the off-mask decay factors moved (weight decay 0.01 ran in fp32) but stay below 1
