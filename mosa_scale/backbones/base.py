@@ -90,6 +90,7 @@ class Backbone:
     name: str  # e.g. "openclip:ViT-B-16", "hf-vit", "hf-clip"
     source: str  # where the weights came from ("random", an OpenCLIP tag, a path)
     blocks_path: str  # qualified name of the ModuleList holding the blocks
+    loaded: dict[str, float] | None = None  # this rank's pretrained-load counters (tensors, bytes_read, seconds)
 
 
 @dataclass(frozen=True)

@@ -317,10 +317,10 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
             tower = model_cls(config, **init_kwargs)
         if args.shard is not None:
             _hf_sharded_init(tower, args.shard)
-        source = "random"
+        source, loaded = "random", None
         if d is not None:
             stats = _dir_image_stats(d)
-            load_hf_weights(tower, d, args.shard)
+            loaded = load_hf_weights(tower, d, args.shard)
             source = str(d)
     else:  # replicated: transformers' own loader (meta init, then tensor by tensor in the dtype)
         stats = _dir_image_stats(d)
@@ -329,7 +329,7 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
         )
         tower.to(args.device)
         config = tower.config
-        source = str(d)
+        source, loaded = str(d), None
     native = int(config.image_size)
     size = cfg.image_size if cfg.image_size is not None else native
     if size % int(config.patch_size):
@@ -346,6 +346,7 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
         name=cfg.family,
         source=source,
         blocks_path=f"{fam.features.prefix}.{fam.blocks}",
+        loaded=loaded,
     )
 
 

@@ -55,7 +55,6 @@ from mosa_scale.backbones.timm_towers import (
     finish_sharded_init,
     gathered_named_apply,
     is_timm_tower,
-    mark_zero3_leaves,
     timm_create_kwargs,
     timm_image_stats,
     timm_pos_embed_resize,
@@ -446,8 +445,6 @@ def _construct_visual(model_cfg: Mapping[str, Any], args: BuildArgs) -> nn.Modul
         )
     if args.shard is not None:
         _finish_sharded_init(visual, args.shard)
-    if timm:
-        mark_zero3_leaves(visual)
     return visual
 
 
@@ -472,7 +469,7 @@ def build_openclip(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
     _check_supported(visual)
     bb = _make_backbone(cfg, visual, source, pre)
     if ckpt is not None:
-        load_openclip_weights(bb.model, ckpt, shard=args.shard)  # type: ignore[arg-type]
+        bb.loaded = load_openclip_weights(bb.model, ckpt, shard=args.shard)  # type: ignore[arg-type]
     return bb
 
 

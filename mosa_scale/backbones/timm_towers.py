@@ -102,15 +102,6 @@ def timm_sites(visual: nn.Module, prefix: str) -> list[BlockSites]:
     return sites
 
 
-def mark_zero3_leaves(visual: nn.Module) -> None:
-    """EVA attention with a fused qkv and separate q/v biases reads ``qkv.weight`` itself
-    (``F.linear``) instead of calling ``qkv``: under ZeRO-3 its whole subtree must be gathered
-    with it. ``_z3_leaf`` is DeepSpeed's marker for that; it does nothing elsewhere."""
-    for blk in visual.trunk.blocks:
-        if getattr(blk.attn, "qkv", None) is not None and getattr(blk.attn, "q_bias", None) is not None:
-            blk.attn._z3_leaf = True
-
-
 def timm_width(visual: nn.Module) -> int:
     """Output width of a ``TimmModel`` (its head's projection, the trunk's classifier, or the
     trunk's features)."""

@@ -6,8 +6,7 @@ from torch import nn
 
 from mosa_scale.adapters.config import AdapterConfig
 from mosa_scale.adapters.factory import InjectContext, projection, split_flags
-from mosa_scale.adapters.lora.layer import (LoRA, LoRAFusedQKV, LoRALinear, LoRAMultiheadAttention, current_weight,
-                                            lora_fused_qkv_class)
+from mosa_scale.adapters.lora.layer import LoRA, LoRALinear, LoRAMultiheadAttention, LoRAQKVLinear, current_weight
 from mosa_scale.adapters.registry import register_method
 
 
@@ -44,15 +43,12 @@ class LoRAMethod:
             if type(linear) is not nn.Linear or linear.out_features % 3:
                 raise TypeError(f"{site.qkv_linear}: LoRA on a fused qkv projection needs an nn.Linear with 3 x d "
                                 f"outputs, got {type(linear).__name__}")
-            parent_path, child = site.qkv_linear.rsplit(".", 1)
-            attn = model.get_submodule(parent_path)
-            attn.__class__ = lora_fused_qkv_class(type(attn))
-            attn.mosa_qkv_name = child
+            linear.__class__ = LoRAQKVLinear
             d = linear.out_features // 3
             for t in cfg.lora_targets:
-                lora = self.build(linear.in_features, d, block, f"{parent_path}.mosa_lora_{t}", cfg, ctx)
-                attn.add_module(f"mosa_lora_{t}", lora)
-                added[f"{parent_path}.mosa_lora_{t}"] = lora
+                lora = self.build(linear.in_features, d, block, f"{site.qkv_linear}.mosa_lora_{t}", cfg, ctx)
+                linear.add_module(f"mosa_lora_{t}", lora)
+                added[f"{site.qkv_linear}.mosa_lora_{t}"] = lora
             return added
         for t in cfg.lora_targets:
             path = getattr(site, t)
@@ -70,5 +66,4 @@ class LoRAMethod:
 
 LORA = register_method(LoRAMethod())
 
-__all__ = ["LORA", "LoRA", "LoRAFusedQKV", "LoRALinear", "LoRAMethod", "LoRAMultiheadAttention", "current_weight",
-           "lora_fused_qkv_class"]
+__all__ = ["LORA", "LoRA", "LoRALinear", "LoRAMethod", "LoRAMultiheadAttention", "LoRAQKVLinear", "current_weight"]

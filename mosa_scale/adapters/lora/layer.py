@@ -70,41 +70,22 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             self._parameters["in_proj_weight"] = weight
 
 
-class LoRAFusedQKV(nn.Module):
-    """Mixin for an attention module whose child ``nn.Linear`` (``mosa_qkv_name``) projects to
-    ``[q; k; v]`` (timm towers): LoRA on its q and/or v rows.
 
-    During the attention's forward the child's weight is replaced by ``W + [dq; 0; dv]``, so the
-    library's own code runs unchanged, whether it calls the child or reads its weight (EVA's
-    ``F.linear(x, self.qkv.weight, ...)``). ``_z3_leaf`` tells DeepSpeed ZeRO-3 to gather the
-    attention's whole subtree (the child's weight and the LoRA factors) around its forward.
+class LoRAQKVLinear(nn.Linear):
+    """A frozen ``nn.Linear`` projecting to ``[q; k; v]`` (timm towers) with LoRA on its q and/or v
+    rows (children ``mosa_lora_q`` / ``mosa_lora_v``; the instance's class is swapped in place).
+
+    Its ``weight`` reads as ``W + [dq; 0; dv]``, so the attention sees the adapted projection
+    whether it calls this module or reads its weight itself (EVA's ``F.linear(x, qkv.weight,
+    bias)``); the state-dict key ``weight`` still holds the frozen ``W``.
     """
 
-    mosa_qkv_name: str
-    _z3_leaf = True
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        qkv = getattr(self, self.mosa_qkv_name)
-        weight = qkv.weight
-        d = weight.shape[0] // 3
-        parts = [torch.zeros(d, weight.shape[1], dtype=weight.dtype, device=weight.device)] * 3
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:  # (3D, in)
+        w = self._parameters["weight"]
+        d = w.shape[0] // 3
+        parts = [torch.zeros(d, w.shape[1], dtype=w.dtype, device=w.device)] * 3
         for i, name in ((0, "mosa_lora_q"), (2, "mosa_lora_v")):
-            if hasattr(self, name):
-                parts[i] = getattr(self, name).delta().to(weight.dtype)
-        qkv._parameters["weight"] = weight + torch.cat(parts, dim=0)  # type: ignore[assignment]  # (3D, in)
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            qkv._parameters["weight"] = weight
-
-
-_FUSED_CLASSES: dict[type, type] = {}
-
-
-def lora_fused_qkv_class(cls: type) -> type:
-    """The attention class ``cls`` with :class:`LoRAFusedQKV` mixed in (one per class)."""
-    if issubclass(cls, LoRAFusedQKV):
-        return cls
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"LoRA{cls.__name__}", (LoRAFusedQKV, cls), {"__module__": __name__})
-    return _FUSED_CLASSES[cls]
+            if name in self._modules:
+                parts[i] = self._modules[name].delta().to(w.dtype)
+        return w + torch.cat(parts, dim=0)
