@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -62,13 +62,49 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
+def _full_precision(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn(tensor, ...)`` computed on an fp32 copy of a bf16/fp16 ``tensor``, then rounded into it."""
+
+    def wrapped(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if tensor.dtype not in (torch.bfloat16, torch.float16):
+            return fn(tensor, *args, **kwargs)
+        tmp = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+        fn(tmp, *args, **kwargs)
+        with torch.no_grad():
+            return tensor.copy_(tmp)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def _truncated_normal_in_fp32() -> Iterator[None]:
+    """Truncated-normal init (torch's and timm's: uniform draws pushed through ``erfinv``) in
+    bf16 saturates at the truncation bounds (std 0.02 comes out near 0.1): compute it in fp32."""
+    targets: list[tuple[Any, str]] = [(torch.nn.init, "_no_grad_trunc_normal_")]
+    try:
+        import timm.layers.weight_init as timm_init
+
+        targets.append((timm_init, "_trunc_normal_"))
+    except ImportError:  # pragma: no cover - timm is a dependency of open_clip's timm towers only
+        pass
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
+    for obj, name, fn in saved:
+        setattr(obj, name, _full_precision(fn))
+    try:
+        yield
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+
+
 @contextlib.contextmanager
 def construct_in_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Cast floating-point parameters and buffers to ``dtype`` as modules register them.
 
     A parameter registered under two names (weight tying) stays one parameter. Buffers are
     cast too (computed buffers such as rotary tables are computed in full precision, then
-    rounded once), as ``module.to(dtype)`` would.
+    rounded once), as ``module.to(dtype)`` would. Truncated-normal initialisation is computed in
+    fp32 and rounded (see :func:`_truncated_normal_in_fp32`); other inits run in ``dtype``.
 
     Args:
         dtype: The tower's weight dtype; ``torch.float32`` changes nothing.
@@ -96,7 +132,8 @@ def construct_in_dtype(dtype: torch.dtype) -> Iterator[None]:
     hp = torch.nn.modules.module.register_module_parameter_registration_hook(on_param)
     hb = torch.nn.modules.module.register_module_buffer_registration_hook(on_buffer)
     try:
-        yield
+        with _truncated_normal_in_fp32():
+            yield
     finally:
         hp.remove()
         hb.remove()

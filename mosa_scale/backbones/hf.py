@@ -316,7 +316,8 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
                 stack.enter_context(args.shard.construct())
             tower = model_cls(config, **init_kwargs)
         if args.shard is not None:
-            _hf_sharded_init(tower, args.shard)
+            with construct_in_dtype(args.dtype):  # the same init numerics as during construction
+                _hf_sharded_init(tower, args.shard)
         source, loaded = "random", None
         if d is not None:
             stats = _dir_image_stats(d)

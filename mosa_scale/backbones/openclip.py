@@ -444,7 +444,8 @@ def _construct_visual(model_cfg: Mapping[str, Any], args: BuildArgs) -> nn.Modul
             None,
         )
     if args.shard is not None:
-        _finish_sharded_init(visual, args.shard)
+        with construct_in_dtype(args.dtype):  # the same init numerics as during construction
+            _finish_sharded_init(visual, args.shard)
     return visual
 
 
