@@ -171,6 +171,63 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return engine
 
 
+# DeepSpeed's collectives (deepspeed.comm), and which argument holds the full (unsharded) tensor
+COLLECTIVES = {"all_gather_into_tensor": (0, "output_tensor"), "all_gather": (0, "tensor_list"),
+               "reduce_scatter_tensor": (1, "tensor"), "reduce_scatter": (1, "input_list"), "all_reduce": (0, "tensor"),
+               "all_reduce_coalesced": (0, "tensors"), "broadcast": (0, "tensor"), "reduce": (0, "tensor"),
+               "all_to_all_single": (1, "tensor")}
+
+
+class CollectiveCounter:
+    """Counts DeepSpeed's collectives while active: calls and bytes of the full tensor of each
+    (an all-gather's output, a reduce-scatter's input, an all-reduce's or broadcast's tensor).
+
+    Wraps the functions of ``deepspeed.comm`` (in the package and in ``deepspeed.comm.comm``,
+    where its helpers such as ``allgather_fn`` look them up), through which all of DeepSpeed's
+    ZeRO traffic passes. ``calls`` / ``bytes`` map op names to totals; ``reset()`` starts again.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+    def _wrap(self, name: str, fn: Any) -> Any:
+        index, key = COLLECTIVES[name]
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            t = args[index] if len(args) > index else kwargs[key]
+            tensors = t if isinstance(t, (list, tuple)) else [t]
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.bytes[name] = self.bytes.get(name, 0) + sum(x.numel() * x.element_size() for x in tensors)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __enter__(self) -> CollectiveCounter:
+        import deepspeed.comm
+        import deepspeed.comm.comm
+
+        for name in COLLECTIVES:
+            fn = getattr(deepspeed.comm.comm, name, None)
+            if fn is None:
+                continue
+            counted = self._wrap(name, fn)
+            for namespace in (deepspeed.comm, deepspeed.comm.comm):
+                self._saved.append((namespace, name, getattr(namespace, name)))
+                setattr(namespace, name, counted)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for namespace, name, fn in reversed(self._saved):
+            setattr(namespace, name, fn)
+        self._saved.clear()
+
+
 def full_fp32_params(engine: Any, names: list[str]) -> dict[str, torch.Tensor]:
     """Full fp32 values of trainable parameters on every rank (a collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_fp32_param
