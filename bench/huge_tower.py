@@ -76,6 +76,9 @@ def worker(args: argparse.Namespace) -> None:
     from mosa_scale.sparse import Router
 
     init_distributed()
+    import open_clip  # noqa: F401  (libraries the build imports: part of the start-up size, not the model's)
+    import timm  # noqa: F401
+
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict = {"rank": rank}
     # this machine's all-gather bandwidth (bf16, 256 MB gathered), for the time prediction
