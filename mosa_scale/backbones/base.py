@@ -73,9 +73,10 @@ class BlockSites:
     mlp: (
         str  # FFN module: its output is the FFN branch before the residual add (before layer-scale)
     )
-    q: str | None = None  # nn.Linear of the query projection (HF families)
-    v: str | None = None  # nn.Linear of the value projection (HF families)
+    q: str | None = None  # nn.Linear of the query projection (HF families, EVA02-B/L)
+    v: str | None = None  # nn.Linear of the value projection (HF families, EVA02-B/L)
     qkv_fused: str | None = None  # nn.MultiheadAttention with in_proj_weight (OpenCLIP)
+    qkv_linear: str | None = None  # nn.Linear whose output is [q; k; v] (timm towers)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Backbone:
     name: str  # e.g. "openclip:ViT-B-16", "hf-vit", "hf-clip"
     source: str  # where the weights came from ("random", an OpenCLIP tag, a path)
     blocks_path: str  # qualified name of the ModuleList holding the blocks
+    loaded: dict[str, float] | None = None  # this rank's pretrained-load counters (tensors, bytes_read, seconds)
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def check_sites(model: nn.Module, sites: list[BlockSites]) -> None:
         RuntimeError: If a name does not resolve (the library renamed its modules); names the site.
     """
     for i, s in enumerate(sites):
-        for fname in ("block", "attn", "ln2", "mlp", "q", "v", "qkv_fused"):
+        for fname in ("block", "attn", "ln2", "mlp", "q", "v", "qkv_fused", "qkv_linear"):
             name = getattr(s, fname)
             if name is None:
                 continue
@@ -281,6 +283,23 @@ def resolve_dtype(cfg: BackboneConfig, dtype: torch.dtype | None) -> torch.dtype
     if dt not in PRECISIONS.values():
         raise ValueError(f"dtype={dt}: frozen weights must be one of {list(PRECISIONS.values())}")
     return dt
+
+
+def stream_width(model: nn.Module, site: BlockSites) -> int:
+    """Width of the residual stream at a block: the pre-FFN norm's size, or (post-norm blocks,
+    whose ``ln2`` site is the FFN itself) the input size of its first linear layer.
+
+    Raises:
+        ValueError: If the ``ln2`` module has neither.
+    """
+    m = model.get_submodule(site.ln2)
+    shape = getattr(m, "normalized_shape", None)
+    if shape:
+        return int(shape[0])
+    lin = next((x for x in m.modules() if isinstance(x, nn.Linear)), None)
+    if lin is None:
+        raise ValueError(f"ln2 site {site.ln2!r} ({type(m).__name__}) has no normalized_shape and no linear layer")
+    return int(lin.in_features)
 
 
 def finalize_backbone(bb: Backbone, dtype: torch.dtype, device: torch.device) -> Backbone:
@@ -330,8 +349,13 @@ def resolve_image_spec(
 
 @dataclass(frozen=True)
 class BuildArgs:
-    """Resolved build arguments handed to a family builder."""
+    """Resolved build arguments handed to a family builder.
+
+    ``shard`` (a :class:`~mosa_scale.backbones.construct.ShardHooks`) asks for a tower
+    partitioned across ranks as it is built (ZeRO-3); None builds a replicated tower.
+    """
 
     device: torch.device
     dtype: torch.dtype
     meta: bool = False
+    shard: Any = None

@@ -39,11 +39,11 @@ def _checkpointed_forward(
     return checkpoint_fn(orig, *args, **kwargs)
 
 
-def _blocks(backbone: Backbone) -> nn.ModuleList:
+def _blocks(backbone: Backbone) -> nn.ModuleList | nn.Sequential:
     blocks = backbone.model.get_submodule(backbone.blocks_path)
-    if not isinstance(blocks, nn.ModuleList):
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):  # timm ViT keeps its blocks in a Sequential
         raise TypeError(
-            f"blocks_path={backbone.blocks_path!r} is a {type(blocks).__name__}, not a ModuleList"
+            f"blocks_path={backbone.blocks_path!r} is a {type(blocks).__name__}, not a ModuleList or Sequential"
         )
     return blocks
 
@@ -65,7 +65,7 @@ def enable_gradient_checkpointing(
         The number of wrapped blocks.
 
     Raises:
-        TypeError: If ``blocks_path`` does not name a ModuleList.
+        TypeError: If ``blocks_path`` does not name a ModuleList / Sequential.
     """
     fn = checkpoint_fn or default_checkpoint_fn
     blocks = _blocks(backbone)

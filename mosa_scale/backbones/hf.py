@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ from mosa_scale.backbones.base import (
     FeatureModel,
     resolve_image_spec,
 )
+from mosa_scale.backbones.construct import ShardHooks, construct_in_dtype, sharded_params
 from mosa_scale.backbones.registry import register_backbone
+from mosa_scale.backbones.weights import Target, WeightsError, load_tensors, open_checkpoint, state_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +215,83 @@ def hf_sites(fam: _HFFamily, prefix: str, num_layers: int) -> list[BlockSites]:
     ]
 
 
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+
+
+def _hf_checkpoint(d: Path) -> Path:
+    for name in HF_WEIGHT_FILES:
+        if (d / name).is_file():
+            return d / name
+    raise FileNotFoundError(f"{d}: no weights file (looked for {list(HF_WEIGHT_FILES)}); pretrained must be a "
+                            "directory written by save_pretrained")
+
+
+def _hf_key_map(tower: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model tensor name -> checkpoint key, through transformers' own checkpoint renamings
+    (legacy names such as ``encoder.layer.0.attention.attention.query``, base-model prefixes).
+
+    Raises:
+        WeightsError: A needed tensor would need a transformers weight conversion (fusing,
+            splitting), which is not a per-tensor copy.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(tower)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    names = {name: True for name, _ in state_tensors(tower)}
+    out: dict[str, str] = {}
+    for key in keys:
+        new, converted = rename_source_key(key, renamings, converters, tower.base_model_prefix, names)
+        if new in names:
+            if converted is not None:
+                raise WeightsError(f"checkpoint tensor {key!r} needs a transformers weight conversion "
+                                   f"({converted}); load this model replicated (ZeRO stage 0-2)")
+            out[new] = key
+    return out
+
+
+def load_hf_weights(tower: nn.Module, d: Path, shard: ShardHooks | None = None) -> dict[str, float]:
+    """Load a ``save_pretrained`` directory into a built tower, one tensor at a time.
+
+    Checkpoint tensors the tower does not have (e.g. a pooler it was built without) are ignored,
+    as ``from_pretrained`` does; every tower tensor must be present.
+
+    Raises:
+        FileNotFoundError: No weights file in ``d``.
+        WeightsError: A tower tensor is missing or of another shape (names it and the file).
+    """
+    reader = open_checkpoint(_hf_checkpoint(d))
+    try:
+        key_of = _hf_key_map(tower, reader.keys())
+        targets = [Target(name, t, key_of.get(name, name)) for name, t in state_tensors(tower)]
+        return load_tensors(targets, reader, shard=shard, what=f"HF {type(tower).__name__}")
+    finally:
+        reader.close()
+
+
+def _hf_sharded_init(tower: nn.Module, shard: ShardHooks) -> None:
+    """transformers' weight init (``post_init``) ran on already-partitioned (empty) weights:
+    run it again in its own order (``initialize_weights``' module recursion), each module with
+    its own and its children's weights gathered, so the draws equal a replicated build's."""
+    from transformers import PreTrainedModel
+    from transformers.initialization import guard_torch_init_functions
+
+    for m in tower.modules():
+        m.__dict__.pop("_is_hf_initialized", None)
+    custom = bool(tower.is_custom_code())
+
+    def apply(module: nn.Module, fn: Any) -> None:
+        for child in module.children():
+            apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        with shard.modify(sharded_params(module, shard)):
+            fn(module, custom)
+
+    with torch.no_grad(), guard_torch_init_functions():
+        apply(tower, tower._initialize_weights)
+
+
 def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
     fam = _FAMILIES[cfg.family]
     overrides = dict(cfg.hf_config or {})
@@ -222,25 +302,35 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
     d = check_hf_dir(cfg) if cfg.pretrained is not None else None  # before importing transformers
     tf = _transformers()
     config_cls, model_cls = getattr(tf, fam.config_cls), getattr(tf, fam.model_cls)
-    if d is None:
+    if d is None or args.shard is not None:
         try:
-            config = config_cls(**overrides)
+            config = config_cls(**overrides) if d is None else config_cls.from_pretrained(str(d), **overrides)
         except TypeError as e:
             raise ValueError(f"hf_config={overrides}: not accepted by {fam.config_cls}: {e}") from e
-        if cfg.image_size is not None:
+        if cfg.image_size is not None and d is None:
             config.image_size = cfg.image_size
-        with args.device:
+        with ExitStack() as stack:
+            stack.enter_context(args.shard.device if args.shard is not None else args.device)
+            stack.enter_context(construct_in_dtype(args.dtype))
+            if args.shard is not None:
+                stack.enter_context(args.shard.construct())
             tower = model_cls(config, **init_kwargs)
-        source = "random"
-    else:
+        if args.shard is not None:
+            with construct_in_dtype(args.dtype):  # the same init numerics as during construction
+                _hf_sharded_init(tower, args.shard)
+        source, loaded = "random", None
+        if d is not None:
+            stats = _dir_image_stats(d)
+            loaded = load_hf_weights(tower, d, args.shard)
+            source = str(d)
+    else:  # replicated: transformers' own loader (meta init, then tensor by tensor in the dtype)
         stats = _dir_image_stats(d)
         tower = model_cls.from_pretrained(
             str(d), local_files_only=True, dtype=args.dtype, **init_kwargs, **overrides
         )
         tower.to(args.device)
         config = tower.config
-        source = str(d)
-    tower.to(dtype=args.dtype)
+        source, loaded = str(d), None
     native = int(config.image_size)
     size = cfg.image_size if cfg.image_size is not None else native
     if size % int(config.patch_size):
@@ -257,6 +347,7 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
         name=cfg.family,
         source=source,
         blocks_path=f"{fam.features.prefix}.{fam.blocks}",
+        loaded=loaded,
     )
 
 

@@ -1,4 +1,4 @@
-"""OpenCLIP image towers (ViT-B-16 ... ViT-bigG-14) as frozen backbones.
+"""OpenCLIP image towers (ViT-B-16 ... ViT-bigG-14, SigLIP / SigLIP2, EVA02) as frozen backbones.
 
 The feature model is :class:`OpenCLIPFeatures`: OpenCLIP's ``VisionTransformer`` registered as
 ``visual``, so its state-dict keys are exactly the ``visual.*`` keys of a full OpenCLIP checkpoint.
@@ -10,8 +10,13 @@ Adapter sites per block ``visual.transformer.resblocks.<i>``: ``attn`` (nn.Multi
 fused q/k/v in ``in_proj_weight``), ``ln_2`` (its input is the residual stream after attention),
 ``mlp`` (Sequential ``c_fc``, ``gelu``, ``c_proj``).
 
-Only the image tower is built for training; :func:`build_openclip_zeroshot` builds the full model,
-initialises a zero-shot head through the text tower, then drops the text tower.
+OpenCLIP's timm-based towers (``TimmModel``: SigLIP / SigLIP2, EVA02) are built the same way;
+their sites are described in :mod:`mosa_scale.backbones.timm_towers`.
+
+Only the image tower is built for training, directly in its dtype (optionally partitioned
+across ranks as it is built, see :mod:`mosa_scale.backbones.construct`), and only the image
+tower's tensors of a checkpoint are read, one at a time. :func:`build_openclip_zeroshot` builds
+the full model, initialises a zero-shot head through the text tower, then drops the text tower.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import difflib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,16 +46,40 @@ from mosa_scale.backbones.base import (
     resolve_dtype,
     resolve_image_spec,
 )
+from mosa_scale.backbones.construct import ShardHooks, construct_in_dtype, sharded_params
 from mosa_scale.backbones.head import DEFAULT_TEMPLATES, ZeroShotHead, build_head
 from mosa_scale.backbones.registry import register_backbone
+from mosa_scale.backbones.timm_towers import (
+    TIMM_KWARGS,
+    check_timm_supported,
+    finish_sharded_init,
+    gathered_named_apply,
+    is_timm_tower,
+    timm_create_kwargs,
+    timm_image_stats,
+    timm_pos_embed_resize,
+    timm_sites,
+    timm_width,
+)
+from mosa_scale.backbones.weights import (
+    INDEX_SUFFIX,
+    Target,
+    WeightsError,
+    load_tensors,
+    open_checkpoint,
+    state_tensors,
+    unexpected_keys,
+)
 
 logger = logging.getLogger(__name__)
 
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", INDEX_SUFFIX)
 # preferred file names inside a local directory, in order (OpenCLIP / HF hub layouts)
 DIR_CHECKPOINT_NAMES = (
+    "open_clip_model.safetensors.index.json",  # sharded safetensors: the index names each tensor's file
     "open_clip_model.safetensors",
+    "model.safetensors.index.json",
     "open_clip_pytorch_model.safetensors",
     "open_clip_pytorch_model.bin",
     "open_clip_pytorch_model.pth",
@@ -131,9 +161,18 @@ def openclip_model_cfg(cfg: BackboneConfig) -> dict[str, Any]:
     vision["output_tokens"] = False
     if cfg.image_size is not None:
         vision["image_size"] = cfg.image_size
-    if cfg.pooling == "mean":
+    if vision.get("timm_model_name"):
+        if cfg.pooling != "cls":
+            raise ValueError(
+                f"pooling={cfg.pooling!r}: timm-based OpenCLIP towers ({vision['timm_model_name']}) keep "
+                "their own pooling (class token or attention pooling, part of the pretrained head); "
+                "use pooling='cls'"
+            )
+    elif cfg.pooling == "mean":
         vision["pool_type"] = "avg"
     size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
+    if vision.get("timm_model_name"):  # the patch size is timm's: checked on the built trunk
+        patch = 1
     if not isinstance(size, int) or not isinstance(patch, int) or size % patch:
         raise ValueError(
             f"image_size={size} with patch_size={patch}: use a square int size divisible by the "
@@ -219,7 +258,10 @@ def _checkpoint_in_dir(path: Path) -> str:
     for name in DIR_CHECKPOINT_NAMES:
         if (path / name).is_file():
             return str(path / name)
-    found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES)
+    indexes = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(INDEX_SUFFIX))
+    if len(indexes) == 1:  # a sharded checkpoint: its shards are not separate candidates
+        return str(indexes[0])
+    found = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
     if not found:
         raise FileNotFoundError(
             f"pretrained={str(path)!r}: directory holds no checkpoint (looked for "
@@ -242,40 +284,72 @@ def _dir_preprocess(path: Path) -> dict[str, Any]:
     return {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
 
 
-def _load_visual_state(model: OpenCLIPFeatures, ckpt: str) -> None:
-    """Load the ``visual.*`` part of an OpenCLIP checkpoint (or a visual-only state dict)."""
-    _open_clip()
-    from open_clip.factory import load_state_dict
+def _openclip_pos_resize(model: OpenCLIPFeatures) -> Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]:
     from open_clip.model import resize_pos_embed
 
+    def resize(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        sd = {"visual.positional_embedding": t}
+        resize_pos_embed(sd, model)  # reads only the built grid size
+        return sd["visual.positional_embedding"]
+
+    return resize
+
+
+def load_openclip_weights(model: OpenCLIPFeatures, ckpt: str, shard: ShardHooks | None = None) -> dict[str, float]:
+    """Load the image tower's tensors of an OpenCLIP checkpoint, one tensor at a time.
+
+    A full checkpoint (``visual.*`` keys next to the text tower) or a state dict of the image
+    tower alone; only the image tower's tensors are read. Position embeddings are resized to the
+    built grid (OpenCLIP ViT and timm trunks).
+
+    Args:
+        model: The built feature model (replicated, or partitioned when ``shard`` is given).
+        ckpt: A checkpoint file or a sharded checkpoint's index.
+        shard: The sharding hooks of a partitioned tower.
+
+    Returns:
+        The loader's counters (tensors, bytes read by this rank, seconds).
+
+    Raises:
+        ValueError: A big_vision numpy checkpoint.
+        WeightsError: A tensor is missing, unexpected, or of another shape; names it and the file.
+    """
     if Path(ckpt).suffix in (".npz", ".npy"):
         raise ValueError(
             f"{ckpt}: big_vision numpy checkpoints are not supported; convert to an OpenCLIP "
             "state dict first"
         )
-    sd = load_state_dict(ckpt, device="cpu", weights_only=True)
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k: v for k, v in sd.items() if k.startswith("visual.")}
-    else:  # a state dict of the image tower alone
-        sd = {f"visual.{k}": v for k, v in sd.items()}
-    resize_pos_embed(sd, model)  # resizes visual.positional_embedding to the built grid
+    reader = open_checkpoint(ckpt)
     try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"checkpoint {ckpt} does not fit the configured OpenCLIP image tower; check name / "
-            f"openclip_cfg against the checkpoint: {e}"
-        ) from e
+        full = any(k.startswith("visual.") for k in reader.keys())  # else: the image tower alone
+        skip = 0 if full else len("visual.")
+        targets = [Target(name, t, name[skip:]) for name, t in state_tensors(model)]
+        extra = unexpected_keys(reader, {t.key for t in targets}, "visual." if full else "")
+        if extra:
+            raise WeightsError(
+                f"checkpoint {reader.label} does not fit the configured OpenCLIP image tower: "
+                f"{len(extra)} unexpected image-tower tensors, e.g. {extra[:5]} (in "
+                f"{reader.file_of(extra[0])}); check name / openclip_cfg against the checkpoint"
+            )
+        transforms = {"visual.positional_embedding": _openclip_pos_resize(model)}
+        if is_timm_tower(model.visual):
+            transforms["visual.trunk.pos_embed"] = timm_pos_embed_resize(model.visual)
+        return load_tensors(targets, reader, shard=shard, transforms=transforms, what="OpenCLIP image tower")
+    finally:
+        reader.close()
 
 
 def _check_supported(visual: nn.Module) -> None:
     _open_clip()
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+    if is_timm_tower(visual):
+        check_timm_supported(visual)
+        return
     if not isinstance(visual, VisionTransformer):
         raise ValueError(
             f"OpenCLIP image tower is a {type(visual).__name__}: only ViT towers "
-            "(open_clip VisionTransformer) are supported; timm and ResNet towers are not"
+            "(open_clip VisionTransformer or timm ViT / EVA) are supported; ResNet towers are not"
         )
     if visual.attn_pool is not None:
         raise ValueError("OpenCLIP attentional pooling (CoCa) towers are not supported")
@@ -290,15 +364,17 @@ def _check_supported(visual: nn.Module) -> None:
 
 
 def openclip_sites(visual: nn.Module, prefix: str = OpenCLIPFeatures.prefix) -> list[BlockSites]:
-    """Adapter sites of every block of an OpenCLIP ViT tower.
+    """Adapter sites of every block of an OpenCLIP ViT tower (or a timm trunk).
 
     Args:
-        visual: The OpenCLIP ``VisionTransformer``.
+        visual: The OpenCLIP ``VisionTransformer`` (or ``TimmModel``).
         prefix: Its name inside the feature model.
 
     Returns:
         One :class:`BlockSites` per block.
     """
+    if is_timm_tower(visual):
+        return timm_sites(visual, prefix)
     base = f"{prefix}.transformer.resblocks"
     return [
         BlockSites(
@@ -322,7 +398,17 @@ def _make_backbone(
     h, w = visual.image_size
     if h != w:
         raise ValueError(f"image size {visual.image_size}: only square inputs are supported")
-    width = visual.output_dim if visual.proj is not None else visual.transformer.width
+    if is_timm_tower(visual):
+        patch = visual.trunk.patch_embed.patch_size[0]
+        if h % patch:
+            raise ValueError(f"image_size={h} is not divisible by the timm trunk's patch size {patch}")
+        width = timm_width(visual)
+        stats = timm_image_stats(visual)
+        pre = {**stats, **pre}
+        blocks = f"{OpenCLIPFeatures.prefix}.trunk.blocks"
+    else:
+        width = visual.output_dim if visual.proj is not None else visual.transformer.width
+        blocks = f"{OpenCLIPFeatures.prefix}.transformer.resblocks"
     return Backbone(
         model=model,
         image=resolve_image_spec(cfg, h, pre.get("mean", OPENAI_CLIP_MEAN), pre.get("std", OPENAI_CLIP_STD)),
@@ -330,8 +416,48 @@ def _make_backbone(
         sites=openclip_sites(visual),
         name=f"openclip:{cfg.name}",
         source=source,
-        blocks_path=f"{OpenCLIPFeatures.prefix}.transformer.resblocks",
+        blocks_path=blocks,
     )
+
+
+def _construct_visual(model_cfg: Mapping[str, Any], args: BuildArgs) -> nn.Module:
+    """The image tower, constructed in ``args.dtype`` (on ``args.device``, or partitioned)."""
+    from open_clip.model import _build_vision_tower
+
+    vision = dict(model_cfg["vision_cfg"])
+    timm = bool(vision.get("timm_model_name"))
+    with ExitStack() as stack:
+        stack.enter_context(args.shard.device if args.shard is not None else args.device)
+        stack.enter_context(construct_in_dtype(args.dtype))
+        if timm:
+            stack.enter_context(timm_create_kwargs(vision))
+        if args.shard is not None:
+            stack.enter_context(args.shard.construct())
+            if timm:
+                stack.enter_context(gathered_named_apply(args.shard))
+        vision.pop(TIMM_KWARGS, None)
+        # cast_dtype=None: plain LayerNorm that runs in the weights' dtype
+        visual = _build_vision_tower(
+            model_cfg["embed_dim"],
+            vision,
+            model_cfg.get("quick_gelu", False),
+            None,
+        )
+    if args.shard is not None:
+        with construct_in_dtype(args.dtype):  # the same init numerics as during construction
+            _finish_sharded_init(visual, args.shard)
+    return visual
+
+
+def _finish_sharded_init(visual: nn.Module, shard: ShardHooks) -> None:
+    """Initialisation a parent module writes into a child's (already partitioned) weights."""
+    if is_timm_tower(visual):
+        finish_sharded_init(visual, shard)
+    for m in visual.modules():
+        # nn.MultiheadAttention._reset_parameters zeroes its out_proj's bias after out_proj was built
+        if isinstance(m, nn.MultiheadAttention) and m.out_proj.bias is not None:
+            with torch.no_grad(), shard.modify(sharded_params(m.out_proj, shard, children=False)):
+                m.out_proj.bias.zero_()
 
 
 @register_backbone("openclip")
@@ -339,22 +465,12 @@ def build_openclip(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
     """Build the frozen OpenCLIP image tower (no text tower). Use ``build_backbone``."""
     ckpt, pre, source = resolve_openclip_weights(cfg)  # before importing/allocating anything
     _open_clip()
-    from open_clip.model import _build_vision_tower
-
     model_cfg = openclip_model_cfg(cfg)
-    with args.device:
-        # cast_dtype=None: plain LayerNorm that runs in the weights' dtype after the cast below
-        visual = _build_vision_tower(
-            model_cfg["embed_dim"],
-            model_cfg["vision_cfg"],
-            model_cfg.get("quick_gelu", False),
-            None,
-        )
+    visual = _construct_visual(model_cfg, args)
     _check_supported(visual)
     bb = _make_backbone(cfg, visual, source, pre)
     if ckpt is not None:
-        _load_visual_state(bb.model, ckpt)  # type: ignore[arg-type]
-    bb.model.to(dtype=args.dtype)
+        bb.loaded = load_openclip_weights(bb.model, ckpt, shard=args.shard)  # type: ignore[arg-type]
     return bb
 
 
@@ -419,7 +535,12 @@ def build_openclip_zeroshot(
         raise ValueError("CoCa models are not supported")
     dt = resolve_dtype(cfg, dtype)
     dev = torch.device(device)
-    with dev:
+    with ExitStack() as stack:
+        stack.enter_context(dev)
+        vision = model_cfg["vision_cfg"]
+        if vision.get("timm_model_name"):
+            stack.enter_context(timm_create_kwargs(vision))
+            model_cfg["vision_cfg"] = {k: v for k, v in vision.items() if k != TIMM_KWARGS}
         full = (oc.CustomTextCLIP if custom else oc.CLIP)(**model_cfg, cast_dtype=None)
     _check_supported(full.visual)
     if ckpt is not None:

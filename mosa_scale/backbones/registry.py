@@ -14,6 +14,7 @@ from mosa_scale.backbones.base import (
     finalize_backbone,
     resolve_dtype,
 )
+from mosa_scale.backbones.construct import ShardHooks
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +56,24 @@ def build_backbone(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     meta: bool = False,
+    shard: ShardHooks | None = None,
 ) -> Backbone:
     """Build the frozen tower described by ``cfg``.
 
+    The tower is constructed directly in its dtype (no full-precision copy) and pretrained
+    weights are read tensor by tensor from a memory map.
+
     Args:
         cfg: The backbone config; ``cfg.family`` selects the builder.
-        device: Where the weights are created (ignored when ``meta``).
+        device: Where the weights are created (ignored when ``meta`` or ``shard``).
         dtype: dtype of the frozen weights; ``None`` uses ``cfg.precision``. An explicit dtype
             wins over ``cfg.precision``.
         meta: Build on the meta device: shapes only, nothing allocated (parameter counting,
             planning). Random init only.
+        shard: Build partitioned across ranks (ZeRO-3; the engine's ``ZeroShard``): every
+            module's weights are partitioned as it is built and checkpoint tensors are written
+            straight into each rank's partition, so no rank holds the whole tower. The result
+            (random or pretrained) equals the replicated build's.
 
     Returns:
         The frozen backbone: every parameter has ``requires_grad=False``.
@@ -85,7 +94,9 @@ def build_backbone(
             "meta=True builds an empty skeleton and cannot load weights: "
             f"set pretrained=None (got {cfg.pretrained!r}) or meta=False"
         )
+    if meta and shard is not None:
+        raise ValueError("meta=True and shard: a meta skeleton holds nothing to partition; pass one of them")
     args = BuildArgs(
-        device=torch.device("meta") if meta else torch.device(device), dtype=dt, meta=meta
+        device=torch.device("meta") if meta else torch.device(device), dtype=dt, meta=meta, shard=shard
     )
     return finalize_backbone(builder(cfg, args), dt, args.device)

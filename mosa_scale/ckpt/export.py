@@ -322,6 +322,7 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
             that do not fit the built adapter (naming them).
     """
     from mosa_scale.backbones import ZeroShotHead, build_backbone
+    from mosa_scale.backbones.base import stream_width
 
     model = getattr(backbone_or_model, "model", backbone_or_model)
     state, manifest, cfg = load_merged(adapter_dir)
@@ -335,7 +336,7 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
     mapper = _path_mapper(model, prefix, [s.block[strip:] for s in sites])
     sites = [dataclasses.replace(s, **{f.name: mapper(getattr(s, f.name)[strip:]) for f in dataclasses.fields(s)
                                        if getattr(s, f.name) is not None}) for s in sites]
-    width = int(model.get_submodule(sites[0].ln2).normalized_shape[0])
+    width = stream_width(model, sites[0])
     dense = dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
     report: InjectionReport = inject_adapters(model, sites, dense, router=None, width=width)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")

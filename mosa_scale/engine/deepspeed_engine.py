@@ -90,6 +90,83 @@ def zero_stage(engine: Any) -> int:
     return int(engine.zero_optimization_stage())
 
 
+class ZeroShard:
+    """Tower construction partitioned across ranks for ZeRO-3 (the backbones' ``ShardHooks``).
+
+    Modules are built inside ``deepspeed.zero.Init``: each module's parameters are partitioned
+    right after its ``__init__``, so no rank ever holds the whole tower. ``zero.Init`` is told to
+    place tensors only: the tower's dtype is set when modules register their parameters
+    (``construct_in_dtype``), exactly as in a replicated build. Checkpoint tensors are written
+    straight into each rank's partition, using ZeRO-3's layout (rank r holds flat elements
+    ``[r * p, (r + 1) * p)`` of the parameter, ``p = ceil(numel / world)``).
+
+    Args:
+        ds_config: The run's DeepSpeed config (ZeRO stage 3).
+    """
+
+    def __init__(self, ds_config: dict[str, Any]) -> None:
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if stage != 3:
+            raise ValueError(f"ZeroShard: the DeepSpeed config has ZeRO stage {stage}; towers are partitioned "
+                             "at stage 3 only (stages 0-2 keep a replicated tower)")
+        self.ds_config = ds_config
+        from deepspeed.accelerator import get_accelerator
+
+        self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+    def construct(self) -> Any:
+        from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
+
+        return deepspeed.zero.Init(config_dict_or_path=self.ds_config,
+                                   tensor_overrides=[DeepSpeedTensorOverride.device])
+
+    def modify(self, params: Any) -> Any:
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+    def gathered(self, params: Any) -> Any:
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def is_sharded(self, param: torch.Tensor) -> bool:
+        return hasattr(param, "ds_id")
+
+    def local_range(self, param: torch.nn.Parameter) -> tuple[int, int]:
+        if getattr(param, "ds_zero_param_process_group", None) is not None or param.ds_tensor.final_location is not None:
+            raise NotImplementedError(f"parameter {param.ds_id}: loading into hpZ secondary partitions or NVMe "
+                                      "offload is not supported; use CPU offload or none")
+        size = int(param.ds_tensor.ds_numel)
+        start = size * dist.get_rank(group=param.ds_process_group)
+        return start, max(0, min(size, int(param.ds_numel) - start))
+
+    def write_local(self, param: torch.nn.Parameter, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.ds_tensor.narrow(0, 0, values.numel()).copy_(values.reshape(-1))
+
+
+def tower_shard(ds_config: dict[str, Any]) -> ZeroShard | None:
+    """The construction hooks for the tower: partitioned under ZeRO-3, None (replicated) below."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    return ZeroShard(ds_config) if stage == 3 else None
+
+
+def _match_zero_init_dtype(model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
+    """DeepSpeed casts every parameter of a replicated model to bf16/fp16, but leaves a model
+    built under ``zero.Init`` as built: cast here what it would have cast (a sharded tower built
+    in another dtype, the adapters), so both builds train the same numbers."""
+    half = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    params = list(model.parameters())
+    if half is None or not any(hasattr(p, "ds_id") for p in params):
+        return
+    for p in params:
+        if not p.is_floating_point() or p.dtype == half:
+            continue
+        if hasattr(p, "ds_id"):
+            p.ds_tensor.data = p.ds_tensor.data.to(half)
+            p.data = torch.empty(0, dtype=half, device=p.device)
+        else:
+            p.data = p.data.to(half)
+
+
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                ds_config: dict[str, Any]) -> Any:
     """Wraps model and client optimizer in a DeepSpeed engine.
@@ -103,6 +180,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
 
     keep = {(id(m), name): buf.detach().clone() for m in model.modules() if isinstance(m, SparseExpertLinear)
             for name, buf in m.named_buffers(recurse=False) if buf.is_floating_point()}
+    _match_zero_init_dtype(model, ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     for m in engine.module.modules():

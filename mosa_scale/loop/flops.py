@@ -103,6 +103,8 @@ def count_tokens(tower: nn.Module, image_size: int) -> int:
 def _attention_width(model: nn.Module, prefix: str, site) -> int | None:
     if site.qkv_fused is not None:
         return int(model.get_submodule(prefix + site.qkv_fused).embed_dim)
+    if site.qkv_linear is not None:
+        return int(model.get_submodule(prefix + site.qkv_linear).out_features) // 3
     if site.q is not None:
         return int(model.get_submodule(prefix + site.q).out_features)
     return None

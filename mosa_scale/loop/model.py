@@ -9,6 +9,8 @@ from torch import nn
 
 from mosa_scale.adapters import InjectionReport, inject_adapters
 from mosa_scale.backbones import Backbone, build_backbone, build_head
+from mosa_scale.backbones.base import stream_width
+from mosa_scale.backbones.construct import ShardHooks
 from mosa_scale.config.run import RunConfig
 from mosa_scale.sparse import Router
 
@@ -29,13 +31,15 @@ class AdaptedClassifier(nn.Module):
         return self.mosa_head(features.to(head_dtype)).float()
 
 
-def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int,
-                meta: bool = False) -> tuple[AdaptedClassifier, Backbone, InjectionReport]:
+def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int, meta: bool = False,
+                shard: ShardHooks | None = None) -> tuple[AdaptedClassifier, Backbone, InjectionReport]:
     """Builds the frozen backbone, injects the configured adapters and adds the head.
 
     Everything random here is a function of the config: a random-init tower is drawn under
     ``torch.manual_seed(train.seed)`` (the caller's RNG state is left as it was), so every rank,
-    a resumed run and a later evaluation rebuild the same tower.
+    a resumed run and a later evaluation rebuild the same tower. With ``shard`` (ZeRO-3) the
+    tower is partitioned as it is built and equals the replicated build; adapters and head are
+    built whole (DeepSpeed partitions them when the engine starts).
     """
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
@@ -44,7 +48,7 @@ def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int,
 
             backbone, head = build_openclip_zeroshot(cfg.model, list(cfg.head.class_names or ()))
         else:
-            backbone = build_backbone(cfg.model, meta=meta)
+            backbone = build_backbone(cfg.model, meta=meta, shard=shard)
             gen = torch.Generator().manual_seed(cfg.train.seed)
             head = build_head("linear", backbone.width, num_classes, generator=gen)
     report = inject_adapters(backbone.model, backbone.sites, cfg.adapter, router=router, width=_stream_width(backbone))
@@ -54,6 +58,4 @@ def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int,
 def _stream_width(backbone: Backbone) -> int:
     """Width of the residual stream (the pre-FFN norm's size), which may differ from the
     pooled feature width of a projected tower."""
-    ln = backbone.model.get_submodule(backbone.sites[0].ln2)
-    shape = getattr(ln, "normalized_shape", None)
-    return int(shape[0]) if shape else backbone.width
+    return stream_width(backbone.model, backbone.sites[0])

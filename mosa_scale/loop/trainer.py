@@ -26,7 +26,7 @@ from mosa_scale.data import IGNORE_INDEX, DataError, DataSpec, build_loader, mak
 from mosa_scale.engine import checkpoint as ckpt
 from mosa_scale.engine.agree import on_rank0
 from mosa_scale.engine.deepspeed_engine import (all_reduce_sum, barrier, deepspeed_config, full_fp32_params,
-                                                init_distributed, initialize)
+                                                init_distributed, initialize, tower_shard)
 from mosa_scale.loop.flops import peak_flops, step_flops, throughput_metrics
 from mosa_scale.loop.metrics import MetricLogger
 from mosa_scale.loop.model import build_model
@@ -94,7 +94,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, replayable
         self.train_spec, self.val_spec, self.num_classes = prepare_data(cfg, self.run_dir, self.rank)
         self.router = Router(cfg.train.seed, cfg.routing.scope, self.rank, self.world)
-        model, self.backbone, self.report = build_model(cfg, self.router, num_classes=self.num_classes)
+        ds_config = deepspeed_config(cfg, self.world)
+        # ZeRO-3: the tower is partitioned as it is built, no rank ever holds all of it
+        model, self.backbone, self.report = build_model(cfg, self.router, num_classes=self.num_classes,
+                                                        shard=tower_shard(ds_config))
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.backbone, self.router.checkpoint)
         o = cfg.optim
@@ -102,7 +105,7 @@ class Trainer:
                                              betas=o.betas, eps=o.eps, inactive=o.inactive)
         sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(
             s, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
-        self.engine = initialize(model, self.optimizer, sched, deepspeed_config(cfg, self.world))
+        self.engine = initialize(model, self.optimizer, sched, ds_config)
         self.device = self.engine.device
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sparse = sparse_layers(model)

@@ -9,25 +9,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mosa_scale.backbones import BackboneConfig  # noqa: E402
+from tiny_towers import TINY_HF, TINY_OPENCLIP, TOWERS  # noqa: E402
 
-TINY_OPENCLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_HF = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 128,
-    "image_size": 32,
-    "patch_size": 8,
-}
-FAMILY_CFGS = {
-    "openclip": BackboneConfig(family="openclip", name="tiny", openclip_cfg=TINY_OPENCLIP),
-    "hf-vit": BackboneConfig(family="hf-vit", hf_config=TINY_HF),
-    "hf-clip": BackboneConfig(family="hf-clip", hf_config=TINY_HF),
-}
+FAMILY_CFGS = dict(TOWERS)  # the three families and OpenCLIP's timm towers (SigLIP, EVA02, EVA02-E)
 
 
 @pytest.fixture(params=sorted(FAMILY_CFGS))

@@ -13,15 +13,25 @@ ATTN_TYPES = {
     "openclip": "MultiheadAttention",
     "hf-vit": "ViTAttention",
     "hf-clip": "CLIPAttention",
+    "siglip": "Attention",
+    "eva02": "EvaAttention",
+    "eva02-e": "LayerNorm",  # post-norm: the attention branch ends at norm1
 }
 BLOCK_TYPES = {
     "openclip": "ResidualAttentionBlock",
     "hf-vit": "ViTLayer",
     "hf-clip": "CLIPEncoderLayer",
+    "siglip": "Block",
+    "eva02": "EvaBlock",
+    "eva02-e": "EvaBlockPostNorm",
 }
+TIMM = ("siglip", "eva02", "eva02-e")
 
 
 def _family(bb: Backbone) -> str:
+    """The tower kind: a family, or the timm tower of a tiny test config (``openclip:tiny-<kind>``)."""
+    if bb.name.startswith("openclip:tiny-"):
+        return bb.name[len("openclip:tiny-"):]
     return "openclip" if bb.name.startswith("openclip:") else bb.name
 
 
@@ -29,22 +39,31 @@ def test_sites_resolve_to_the_right_module_types(tiny_cfg: BackboneConfig) -> No
     bb = build_backbone(tiny_cfg)
     fam = _family(bb)
     blocks = bb.model.get_submodule(bb.blocks_path)
-    assert isinstance(blocks, nn.ModuleList) and len(blocks) == len(bb.sites) == 2
+    assert isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) == len(bb.sites) == 2
     for i, s in enumerate(bb.sites):
         assert s.block == f"{bb.blocks_path}.{i}"
         assert bb.model.get_submodule(s.block) is blocks[i]
         assert type(blocks[i]).__name__ == BLOCK_TYPES[fam]
         assert type(bb.model.get_submodule(s.attn)).__name__ == ATTN_TYPES[fam]
-        assert isinstance(bb.model.get_submodule(s.ln2), nn.LayerNorm)
-        mlp = bb.model.get_submodule(s.mlp)
+        if fam == "eva02-e":  # post-norm: the FFN's input is the stream, its branch ends at norm2
+            assert type(bb.model.get_submodule(s.ln2)).__name__ == "Mlp"
+            assert isinstance(bb.model.get_submodule(s.mlp), nn.LayerNorm)
+            mlp = bb.model.get_submodule(s.ln2)
+        else:
+            assert isinstance(bb.model.get_submodule(s.ln2), nn.LayerNorm)
+            mlp = bb.model.get_submodule(s.mlp)
         linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
-        assert len(linears) == 2 and linears[0].in_features == linears[1].out_features == 64
-        if fam == "openclip":
+        assert len(linears) >= 2 and linears[0].in_features == linears[-1].out_features == 64
+        if fam in ("siglip", "eva02-e"):  # one fused [q; k; v] projection
+            assert s.q is None and s.v is None and s.qkv_fused is None
+            qkv = bb.model.get_submodule(s.qkv_linear)
+            assert type(qkv) is nn.Linear and qkv.weight.shape == (192, 64)
+        elif fam == "openclip":
             assert s.q is None and s.v is None
             mha = bb.model.get_submodule(s.qkv_fused)
             assert isinstance(mha, nn.MultiheadAttention) and mha.in_proj_weight.shape == (192, 64)
         else:
-            assert s.qkv_fused is None
+            assert s.qkv_fused is None and s.qkv_linear is None
             q, v = bb.model.get_submodule(s.q), bb.model.get_submodule(s.v)
             assert isinstance(q, nn.Linear) and isinstance(v, nn.Linear) and q is not v
             assert s.q.rsplit(".", 1)[1] == "q_proj" and s.v.rsplit(".", 1)[1] == "v_proj"
@@ -83,8 +102,9 @@ def test_hooks_see_the_residual_stream(tiny_cfg: BackboneConfig, pixels: torch.T
     for h in handles:
         h.remove()
     assert sorted(rec) == [0, 1]
+    tokens = 16 + (_family(bb) != "siglip")  # 4 x 4 patches (+ a class token; SigLIP has none)
     for r in rec.values():
-        assert r["h"].shape == (2, 17, 64)
+        assert r["h"].shape == (2, tokens, 64)
         torch.testing.assert_close(r["h"], r["x"] + r["attn"], rtol=0, atol=1e-5)
         torch.testing.assert_close(r["y"], r["h"] + r["mlp"], rtol=0, atol=1e-5)
         assert r["mlp"].abs().max() > 1e-3 and r["attn"].abs().max() > 1e-3  # branches are real
@@ -126,6 +146,14 @@ def test_pooling_matches_the_library_outputs(
     tiny_cfg: BackboneConfig, pixels: torch.Tensor
 ) -> None:
     bb = build_backbone(tiny_cfg)
+    if _family(bb) in TIMM:  # the tower's own pooling (class token / attention pool), then its head
+        v = bb.model.tower
+        with torch.no_grad():
+            exp = v.head(v.trunk.forward_head(v.trunk.forward_features(pixels)))
+            torch.testing.assert_close(bb.model(pixels), exp, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="pooling='cls'"):
+            build_backbone(dataclasses.replace(tiny_cfg, pooling="mean"))
+        return
     mean_bb = build_backbone(dataclasses.replace(tiny_cfg, pooling="mean"))
     mean_bb.model.load_state_dict(bb.model.state_dict())
     tower = bb.model.tower
@@ -169,6 +197,6 @@ def test_image_size_override_random_init(tiny_cfg: BackboneConfig) -> None:
 def test_image_stats_defaults_and_overrides(tiny_cfg: BackboneConfig) -> None:
     bb = build_backbone(tiny_cfg)
     clip_mean = (0.48145466, 0.4578275, 0.40821073)
-    assert bb.image.mean == ((0.5, 0.5, 0.5) if bb.name == "hf-vit" else clip_mean)
+    assert bb.image.mean == ((0.5, 0.5, 0.5) if _family(bb) in ("hf-vit", "siglip") else clip_mean)
     bb = build_backbone(dataclasses.replace(tiny_cfg, image_mean=(0.1, 0.2, 0.3)), meta=True)
     assert bb.image.mean == (0.1, 0.2, 0.3)

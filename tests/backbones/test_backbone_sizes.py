@@ -87,3 +87,40 @@ def test_count_parameters_counts_shared_once_and_uses_ds_numel() -> None:
     assert count_parameters(m) == 15
     lin.weight.ds_numel = 1000  # a ZeRO-3 partitioned parameter reports its full size here
     assert count_parameters(m) == 1003
+
+
+# OpenCLIP's timm-based towers: image-tower parameters (millions) and forward GFLOPs at 224 px as
+# published in open_clip's docs/model_profile.csv (SigLIP2 towers share SigLIP's architecture)
+TIMM_PUBLISHED = {
+    "ViT-B-16-SigLIP": (92.88, 35.42, 12),
+    "ViT-B-16-SigLIP2": (92.88, 35.42, 12),
+    "ViT-SO400M-14-SigLIP": (427.68, 220.35, 27),
+    "ViT-SO400M-14-SigLIP2": (427.68, 220.35, 27),
+    "EVA02-B-16": (86.26, 35.13, 12),
+    "EVA02-L-14": (304.11, 162.0, 24),
+    "EVA02-E-14": (4350.56, 2264.33, 64),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_PUBLISHED))
+def test_timm_tower_meta_counts_match_published(name: str) -> None:
+    from mosa_scale.adapters import AdapterConfig, inject_adapters
+    from mosa_scale.backbones.base import stream_width
+    from mosa_scale.loop.flops import step_flops
+    from mosa_scale.sparse import Router
+
+    params_m, gflops, blocks = TIMM_PUBLISHED[name]
+    bb = build_backbone(BackboneConfig(family="openclip", name=name, precision="bf16"), meta=True)
+    assert round(count_parameters(bb.model) / 1e6, 2) == params_m
+    assert len(bb.sites) == blocks
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in bb.model.parameters())
+    flops = step_flops(bb.model, bb, image_size=224, global_batch=1, consistency=False)
+    # MAP attention-pool keys/values are counted per sample, not per token: SigLIP is 1.3% low
+    assert abs(flops["forward_frozen"] / 1e9 - gflops) / gflops < 0.015
+    # bottleneck and LoRA sites resolve on the meta skeleton (every method x N on the tiny towers)
+    width = stream_width(bb.model, bb.sites[0])
+    for method, per_block in (("houlsby", 2), ("lora", 2)):
+        skeleton = bb if method == "houlsby" else build_backbone(BackboneConfig(family="openclip", name=name), meta=True)
+        report = inject_adapters(skeleton.model, skeleton.sites, AdapterConfig(method=method, bottleneck=64,
+                                 num_experts=1), router=Router(seed=0), width=width)
+        assert len(report.rows) == per_block * blocks

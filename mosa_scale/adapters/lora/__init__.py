@@ -6,7 +6,7 @@ from torch import nn
 
 from mosa_scale.adapters.config import AdapterConfig
 from mosa_scale.adapters.factory import InjectContext, projection, split_flags
-from mosa_scale.adapters.lora.layer import LoRA, LoRALinear, LoRAMultiheadAttention, current_weight
+from mosa_scale.adapters.lora.layer import LoRA, LoRALinear, LoRAMultiheadAttention, LoRAQKVLinear, current_weight
 from mosa_scale.adapters.registry import register_method
 
 
@@ -38,6 +38,18 @@ class LoRAMethod:
                 mha.add_module(f"mosa_lora_{t}", lora)
                 added[f"{site.qkv_fused}.mosa_lora_{t}"] = lora
             return added
+        if site.qkv_linear is not None:
+            linear = model.get_submodule(site.qkv_linear)
+            if type(linear) is not nn.Linear or linear.out_features % 3:
+                raise TypeError(f"{site.qkv_linear}: LoRA on a fused qkv projection needs an nn.Linear with 3 x d "
+                                f"outputs, got {type(linear).__name__}")
+            linear.__class__ = LoRAQKVLinear
+            d = linear.out_features // 3
+            for t in cfg.lora_targets:
+                lora = self.build(linear.in_features, d, block, f"{site.qkv_linear}.mosa_lora_{t}", cfg, ctx)
+                linear.add_module(f"mosa_lora_{t}", lora)
+                added[f"{site.qkv_linear}.mosa_lora_{t}"] = lora
+            return added
         for t in cfg.lora_targets:
             path = getattr(site, t)
             if path is None:
@@ -54,4 +66,4 @@ class LoRAMethod:
 
 LORA = register_method(LoRAMethod())
 
-__all__ = ["LORA", "LoRA", "LoRALinear", "LoRAMethod", "LoRAMultiheadAttention", "current_weight"]
+__all__ = ["LORA", "LoRA", "LoRALinear", "LoRAMethod", "LoRAMultiheadAttention", "LoRAQKVLinear", "current_weight"]

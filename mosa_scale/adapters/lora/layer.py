@@ -68,3 +68,24 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, *args, **kwargs)
         finally:
             self._parameters["in_proj_weight"] = weight
+
+
+
+class LoRAQKVLinear(nn.Linear):
+    """A frozen ``nn.Linear`` projecting to ``[q; k; v]`` (timm towers) with LoRA on its q and/or v
+    rows (children ``mosa_lora_q`` / ``mosa_lora_v``; the instance's class is swapped in place).
+
+    Its ``weight`` reads as ``W + [dq; 0; dv]``, so the attention sees the adapted projection
+    whether it calls this module or reads its weight itself (EVA's ``F.linear(x, qkv.weight,
+    bias)``); the state-dict key ``weight`` still holds the frozen ``W``.
+    """
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:  # (3D, in)
+        w = self._parameters["weight"]
+        d = w.shape[0] // 3
+        parts = [torch.zeros(d, w.shape[1], dtype=w.dtype, device=w.device)] * 3
+        for i, name in ((0, "mosa_lora_q"), (2, "mosa_lora_v")):
+            if name in self._modules:
+                parts[i] = self._modules[name].delta().to(w.dtype)
+        return w + torch.cat(parts, dim=0)
