@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mosa_scale.backbones import enable_gradient_checkpointing
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter
 from mosa_scale.ckpt.consolidate import refuse_legacy_layout
+from mosa_scale.ckpt.manifest import MANIFEST_NAME
 from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config.loader import to_plain
 from mosa_scale.config.run import BUILTIN, RunConfig
@@ -87,7 +88,8 @@ class Trainer:
         self.lock = on_rank0(lambda: RunLock.acquire(self.run_dir), errors=(RunDirError,))
         self.resume_from = on_rank0(lambda: ckpt.resume_tag(self.ckpt_dir), errors=(CheckpointError,), share=True)
         if self.resume_from is not None:
-            refuse_legacy_layout(self.ckpt_dir / self.resume_from)  # before the manifest check: says what it is
+            if not (self.ckpt_dir / self.resume_from / MANIFEST_NAME).is_file():
+                refuse_legacy_layout(self.ckpt_dir / self.resume_from)  # older than manifests: say what it is
             ckpt.verify(self.ckpt_dir, self.resume_from)
         self.gas = cfg.accumulation(self.world)
         self.passes = 2 if cfg.consistency.enabled else 1
