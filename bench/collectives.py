@@ -2,7 +2,8 @@
 
 For every ZeRO stage and tower depth, builds the dense adapter (N = 1) and MoSA (N = 4, 8) on the same
 frozen tower (the built-in default's: hf-vit width 64, 16 tokens, micro-batch 32 per rank; at the
-given numbers of blocks; parallel adapter r 64, share down, as in the default run), and counts the ``torch.distributed`` calls and bytes of whole optimizer steps
+given numbers of blocks; parallel adapter r 64, share down, as in the default run), and counts the
+``torch.distributed`` calls and bytes of whole optimizer steps
 (forward, backward, ``engine.step``) in steady state, on each rank. Steps of the variants are
 interleaved round-robin, so their step-time ratios are measured side by side. Prints JSON (rank 0's
 view plus per-rank counts); ``--out`` also writes it.
@@ -46,7 +47,7 @@ def build(stage: int, blocks: int, experts: int, rank: int, world: int):
     from mosa_scale.adapters import AdapterConfig, inject_adapters
     from mosa_scale.backbones import BackboneConfig, build_backbone, build_head
     from mosa_scale.engine.deepspeed_engine import initialize
-    from mosa_scale.loop.model import AdaptedClassifier
+    from mosa_scale.model.assembly import AdaptedClassifier
     from mosa_scale.optim import MoSAAdamW
     from mosa_scale.sparse import Router
 
@@ -101,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     for stage in args.stages:
         for blocks in args.blocks:
             vs = {n: build(stage, blocks, n, rank, world) for n in variants}
-            for n, v in vs.items():  # warm-up: optimizer state exists, DeepSpeed's first-step work is done
+            for v in vs.values():  # warm-up: optimizer state exists, DeepSpeed's first-step work is done
                 for s in range(2):
                     one_step(v, s, rank)
             per_step = {n: [] for n in variants}
@@ -147,7 +148,8 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> dict:
             nbytes.append(r["bytes_per_step"] / d["bytes_per_step"])
             state.append(r["optimizer_state_bytes"] / d["optimizer_state_bytes"])
             # the memory contract: one dense adapter plus N bias vectors per split layer (share down: Up)
-            contract.append(1 + blocks * (n - 1) * WIDTH / (blocks * (2 * R * WIDTH + R + 3 * WIDTH) + CLASSES * (WIDTH + 1)))
+            dense_values = blocks * (2 * R * WIDTH + R + 3 * WIDTH) + CLASSES * (WIDTH + 1)
+            contract.append(1 + blocks * (n - 1) * WIDTH / dense_values)
         out["calls_ratio_mosa_vs_dense"][f"zero{stage}"] = max(calls)
         out["bytes_ratio_mosa_vs_dense"][f"zero{stage}"] = max(nbytes)
         out["optimizer_state_bytes_ratio_mosa_vs_dense"][f"zero{stage}"] = max(state)

@@ -4,7 +4,7 @@ Random-init OpenCLIP ViT-H-14 image tower (no weights or data needed), random pi
 adapters r 64 share down, N = 4 (MoSA) and N = 1 (dense), linear head of 1000 classes. Each variant
 runs in its own process (clean peak memory, clean DeepSpeed state): warm-up steps, then timed
 steps. Reports step time, samples/s, TFLOP/s and MFU (frozen-backbone-aware FLOPs from
-``mosa_scale.loop.flops``; MFU against the GPU's dense bf16 peak) and peak memory, plus ratios.
+``mosa_scale.model.flops``; MFU against the GPU's dense bf16 peak) and peak memory, plus ratios.
 Takes about 2-3 minutes on one H100 / H200.
 
     python bench/gpu_vith14.py                          # GPU: ViT-H-14, batch 64
@@ -44,8 +44,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     from mosa_scale.backbones import BackboneConfig, build_backbone, build_head
     from mosa_scale.config.run import RunConfig, TrainConfig
     from mosa_scale.engine.deepspeed_engine import deepspeed_config, init_distributed, initialize
-    from mosa_scale.loop.flops import peak_flops, step_flops
-    from mosa_scale.loop.model import AdaptedClassifier
+    from mosa_scale.model.assembly import AdaptedClassifier
+    from mosa_scale.model.flops import peak_flops, step_flops
     from mosa_scale.optim import MoSAAdamW
     from mosa_scale.sparse import Router
 

@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from mosa_scale.engine.deepspeed_engine import deepspeed_config, init_distributed, initialize, tower_shard
-    from mosa_scale.loop.model import build_model
+    from mosa_scale.model.assembly import build_model
     from mosa_scale.optim import MoSAAdamW
     from mosa_scale.sparse import Router
 

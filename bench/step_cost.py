@@ -34,7 +34,7 @@ from torch import nn
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.backbones import BackboneConfig, build_backbone, build_head
-from mosa_scale.loop.model import AdaptedClassifier
+from mosa_scale.model.assembly import AdaptedClassifier
 from mosa_scale.optim import MoSAAdamW, sparse_layers
 from mosa_scale.sparse import Router, SparseExpertLinear
 from mosa_scale.sparse.routing import Window

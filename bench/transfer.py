@@ -39,8 +39,8 @@ from mosa_scale.adapters import AdapterConfig
 from mosa_scale.backbones import BackboneConfig
 from mosa_scale.config.run import RunConfig, TrainConfig
 from mosa_scale.data import load_builtin
-from mosa_scale.loop.model import build_model
 from mosa_scale.loss import consistency_loss
+from mosa_scale.model.assembly import build_model
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.sparse import Router
 

@@ -50,7 +50,7 @@ def measure(stage: int, experts: int, micro: int, rank: int, world: int) -> dict
     from mosa_scale.adapters import AdapterConfig, inject_adapters
     from mosa_scale.backbones import BackboneConfig, build_backbone, build_head
     from mosa_scale.engine.deepspeed_engine import initialize
-    from mosa_scale.loop.model import AdaptedClassifier
+    from mosa_scale.model.assembly import AdaptedClassifier
     from mosa_scale.optim import MoSAAdamW
     from mosa_scale.sparse import Router
     from mosa_scale.sparse.routing import Window

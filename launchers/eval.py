@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from mosa_scale.eval import evaluate_adapter
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batches", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    from mosa_scale.eval import evaluate_adapter
 
     try:
         result = evaluate_adapter(args.adapter, args.data, split=args.split, batch_size=args.batch_size,

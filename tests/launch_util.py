@@ -36,5 +36,6 @@ def deepspeed_launch(script: Path | str, args: list[str], *, ranks: int = 2, tim
     proc = subprocess.run(deepspeed_cmd(script, args, ranks=ranks), cwd=REPO, env=launch_env(), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
     return proc

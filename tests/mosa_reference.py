@@ -8,12 +8,12 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from tiny_models import Classifier, make_tower
 from torch import nn
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.optim import sparse_layers
 from mosa_scale.sparse import Router, SparseExpertLinear
-from tiny_models import Classifier, make_tower
 
 LR, WD = 1e-2, 0.05
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from tiny_towers import TINY_EVA_E, TINY_OPENCLIP
+
 from mosa_scale.adapters import AdapterConfig
 from mosa_scale.backbones import BackboneConfig
 from mosa_scale.config.run import ConsistencyConfig, DataConfig, RunConfig, TrainConfig
-from tiny_towers import TINY_EVA_E, TINY_OPENCLIP
 
 VIT = BackboneConfig(family="hf-vit", pooling="mean", hf_config=dict(
     hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=64, patch_size=8,

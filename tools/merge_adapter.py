@@ -20,6 +20,7 @@ import sys
 
 from mosa_scale.ckpt.adapter_file import AdapterFileError
 from mosa_scale.ckpt.consolidate import CheckpointError, CheckpointMismatch, consolidate
+from mosa_scale.ckpt.export import export_peft
 from mosa_scale.config import ConfigError
 
 
@@ -46,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
            "zero_stage": result.checkpoint.stage, "world_size": result.checkpoint.world_size,
            "step": result.checkpoint.step, "structure_checked": result.skeleton_checked}
     if args.peft:
-        from mosa_scale.ckpt.export import export_peft
-
         try:
             out["peft"] = str(export_peft(result.merged_dir, args.peft))
         except ValueError as e:  # not a LoRA on an HF backbone: the merged adapter stands

@@ -11,6 +11,7 @@ from torch import nn
 
 from mosa_scale.adapters.config import AdapterConfig
 from mosa_scale.sparse.linear import SparseExpertLinear
+from mosa_scale.sparse.partition import stable_seed
 from mosa_scale.sparse.routing import Router
 
 ADAPTER_MARK = "mosa_"
@@ -48,8 +49,6 @@ def projection(in_f: int, out_f: int, *, bias: bool, init: str, split: bool, num
     Args:
         init: ``kaiming`` (Down / LoRA A) or ``zeros`` (Up / LoRA B).
     """
-    from mosa_scale.sparse.partition import stable_seed
-
     gen = torch.Generator().manual_seed(stable_seed("init", cfg.seed, name))
     weight = kaiming_weight(out_f, in_f, generator=gen) if init == "kaiming" else torch.zeros(out_f, in_f)
     if split and num_experts >= 2:

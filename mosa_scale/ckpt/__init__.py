@@ -1,8 +1,13 @@
 """Checkpoints, adapter files, consolidation and merge."""
 
 from mosa_scale.ckpt.adapter_file import read_adapter, write_adapter
-from mosa_scale.ckpt.consolidate import (CheckpointError, CheckpointMismatch, ZeroCheckpoint, consolidate,
-                                         read_zero_checkpoint)
+from mosa_scale.ckpt.consolidate import (
+                                         CheckpointError,
+                                         CheckpointMismatch,
+                                         ZeroCheckpoint,
+                                         consolidate,
+                                         read_zero_checkpoint,
+)
 from mosa_scale.ckpt.export import attach_merged_adapter, export_peft, fold_lora
 from mosa_scale.ckpt.inspect import inspect_path
 from mosa_scale.ckpt.merge import adapter_state_dict, merge_state_dict

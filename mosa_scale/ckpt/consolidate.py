@@ -22,11 +22,9 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +36,13 @@ from mosa_scale.adapters.factory import is_adapter_name
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, read_adapter, write_adapter
 from mosa_scale.ckpt.manifest import MANIFEST_NAME, verify_tag
 from mosa_scale.ckpt.merge import merge_state_dict
-from mosa_scale.ckpt.safe_load import (DEEPSPEED_STAND_INS, CheckpointError, DeepSpeedObject,  # noqa: F401
-                                       load_weights_only)
+from mosa_scale.ckpt.safe_load import DEEPSPEED_STAND_INS, CheckpointError, DeepSpeedObject, load_weights_only  # noqa: F401
 from mosa_scale.config.loader import load_yaml, to_plain
-from mosa_scale.config.run import RunConfig, run_config_from_plain
+from mosa_scale.config.run import HeadConfig, RunConfig, run_config_from_plain
+from mosa_scale.model.assembly import build_model
 from mosa_scale.sparse.layout import layer_prefixes, legacy_layers, read_layer, to_current_layout
 from mosa_scale.sparse.partition import partition
+from mosa_scale.sparse.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -443,10 +442,6 @@ def skeleton_config(cfg: RunConfig, hf_config: Mapping[str, Any] | None = None) 
 
 def build_skeleton(cfg: RunConfig, num_classes: int) -> Skeleton | None:
     """The adapter tensors (names, shapes) ``cfg`` gives; None if the backbone's architecture is unknown."""
-    from mosa_scale.config.run import HeadConfig
-    from mosa_scale.loop.model import build_model  # the backbones are imported only when needed
-    from mosa_scale.sparse.routing import Router
-
     sk = skeleton_config(cfg)
     if sk is None:
         return None

@@ -34,9 +34,12 @@ from torch import nn
 
 from mosa_scale.adapters import inject_adapters, is_adapter_name
 from mosa_scale.adapters.inject import InjectionReport
+from mosa_scale.backbones import ZeroShotHead, build_backbone
+from mosa_scale.backbones.base import stream_width
 from mosa_scale.ckpt.adapter_file import MANIFEST, AdapterFileError, read_adapter
 from mosa_scale.ckpt.consolidate import HEAD_PREFIX, TOWER_PREFIX, run_config_from_plain, skeleton_config
-from mosa_scale.config.run import RunConfig
+from mosa_scale.config.run import HeadConfig, RunConfig
+from mosa_scale.model.assembly import build_model
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,6 @@ def expected_shapes(cfg: RunConfig, num_classes: int,
                     hf_config: Mapping[str, Any] | None = None) -> dict[str, tuple[int, ...]] | None:
     """The merged (dense) adapter tensors and head weight ``cfg`` builds, from a meta-device
     skeleton (nothing allocated); None when the backbone's architecture is not known here."""
-    from mosa_scale.config.run import HeadConfig
-    from mosa_scale.loop.model import build_model
-
     sk = skeleton_config(cfg, hf_config)
     if sk is None:
         return None
@@ -321,9 +321,6 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
         ValueError: for an unmerged state, a backbone without the adapter's blocks, or tensors
             that do not fit the built adapter (naming them).
     """
-    from mosa_scale.backbones import ZeroShotHead, build_backbone
-    from mosa_scale.backbones.base import stream_width
-
     model = getattr(backbone_or_model, "model", backbone_or_model)
     state, manifest, cfg = load_merged(adapter_dir)
     check_fits(adapter_dir, state, manifest, cfg, _library_config(model))

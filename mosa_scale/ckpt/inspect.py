@@ -34,11 +34,13 @@ def partition_stats(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, An
         layer = read_layer(state, p)
         n = layer.num_experts
         sizes = torch.bincount(layer.assign.long(), minlength=n).tolist()
-        out[p] = {"experts": n, "dims": list(layer.dims), "entries": layer.assign.numel(), "entries_per_expert": sizes,
-                  "balanced": max(sizes) - min(sizes) <= 1, "slices_match_partition": layer.slices.numel() == sum(sizes),
+        out[p] = {"experts": n, "dims": list(layer.dims), "entries": layer.assign.numel(),
+                  "entries_per_expert": sizes, "balanced": max(sizes) - min(sizes) <= 1,
+                  "slices_match_partition": layer.slices.numel() == sum(sizes),
                   "decay": [float(x) for x in layer.decay],
                   "steps": None if layer.steps is None else [int(x) for x in layer.steps],
-                  "bias": None if layer.biases is None else ("split" if layer.bias_assign is not None else "per-expert"),
+                  "bias": None if layer.biases is None else
+                  ("split" if layer.bias_assign is not None else "per-expert"),
                   "w0": "zero" if layer.base.numel() == 0 else "stored"}
     return out
 

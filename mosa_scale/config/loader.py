@@ -120,7 +120,7 @@ def build_dataclass(cls: type, data: Mapping[str, Any] | None, prefix: str, prob
         kwargs[key] = coerced
     # fields with problems fall back to their defaults so that cross-field checks still run;
     # the problems recorded above make the load fail anyway
-    for key, f in fields.items():  # nested sections left out of the YAML take their defaults
+    for key in fields:  # nested sections left out of the YAML take their defaults
         if key not in kwargs and dataclasses.is_dataclass(hints[key]):
             kwargs[key] = build_dataclass(hints[key], {}, f"{prefix}.{key}" if prefix else key, problems)
     try:

@@ -6,7 +6,6 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,12 +17,12 @@ from mosa_scale.adapters.config import AdapterConfig
 from mosa_scale.backbones.base import BackboneConfig
 from mosa_scale.config.errors import Problems
 from mosa_scale.config.loader import build_dataclass, deep_merge, load_yaml, parse_overrides
+from mosa_scale.data.config import DataConfig, check_data_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # settings whose one home is the run config; a ds_configs file must not carry them
 RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
-BUILTIN = "builtin:"
 
 
 @dataclass(frozen=True)
@@ -32,30 +31,6 @@ class HeadConfig:
 
     kind: Literal["linear", "zeroshot"] = "linear"
     class_names: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Webdataset input. ``train``/``val`` are shard specs (brace patterns, lists, ``pipe:``);
-    ``builtin:digits`` / ``builtin:fashion-mnist`` write shards of a built-in set into the run
-    directory first. Training augmentation is RandomResizedCrop(``crop_scale``, ``crop_ratio``)
-    plus an optional flip; ``crop_scale: [1, 1]`` and ``crop_ratio: [1, 1]`` give a plain resize
-    (VTAB-1k, position-sensitive tasks). Samples with an unreadable image or a label outside
-    [0, num_classes) are skipped and counted; more than ``max_skip_rate`` of them stops the run.
-    Shards a present index.json does not list are refused unless ``allow_unindexed``."""
-
-    train: str = "builtin:digits"
-    val: str | None = None
-    num_classes: int | None = None
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = False
-    image_size: int | None = None
-    hflip: bool = True
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
-    max_skip_rate: float = 0.05
-    allow_unindexed: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,7 +134,7 @@ def check_run(cfg: RunConfig, world_size: int, p: Problems, *, files: bool = Tru
         p.add("data.max_skip_rate", f"got {cfg.data.max_skip_rate}; must be in [0, 1]")
     _check_zero_config(t.zero_config, p)
     if files:
-        _check_data_paths(cfg.data, p)
+        check_data_paths(cfg.data, p)
         _check_backbone_files(cfg.model, p)
     if cfg.head.kind == "zeroshot" and cfg.model.family != "openclip":
         p.add("head.kind", "'zeroshot' needs model.family 'openclip' (its text tower makes the head)")
@@ -197,61 +172,6 @@ def _check_zero_config(value: str, p: Problems) -> None:
         if key in ds:
             p.add("train.zero_config", f"file {str(path)!r} sets {key}={json.dumps(ds[key])}; it comes from the run "
                   "config (train.*, optim.clip_grad): remove it from the DeepSpeed file")
-
-
-def _local(spec: str) -> bool:
-    return not spec.startswith(BUILTIN) and "://" not in spec and not spec.startswith(("pipe:", "file:"))
-
-
-def _check_data_paths(d: DataConfig, p: Problems) -> None:
-    """Local shard specs exist, a folder's index.json is readable, and the number of classes is known."""
-    from mosa_scale.data.builtin import BUILTIN_SETS  # no torchvision, no webdataset
-
-    index_classes = None
-    for key, spec in (("data.train", d.train), ("data.val", d.val)):
-        if spec is None:
-            continue
-        if spec.startswith(BUILTIN):
-            if spec[len(BUILTIN):] not in BUILTIN_SETS:
-                p.add(key, f"got {spec!r}; built-in sets are " + ", ".join(f"'{BUILTIN}{n}'" for n in BUILTIN_SETS))
-            continue
-        if not _local(spec):
-            continue
-        if os.path.isdir(spec):
-            index = Path(spec) / "index.json"
-            if index.is_file():
-                try:
-                    classes = json.loads(index.read_text()).get("num_classes")
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-                    p.add(key, f"{spec!r}: file {str(index)!r} is not a readable shard index ({e}); write it again "
-                          "with tools/make_shards.py")
-                    continue
-                if key == "data.train":
-                    index_classes = classes
-            elif not any(f.name.endswith((".tar", ".tar.gz", ".tgz")) for f in Path(spec).iterdir()):
-                p.add(key, f"folder {spec!r} holds no index.json and no .tar shards (write them with "
-                      "tools/make_shards.py)")
-            continue
-        if "{" in spec or "::" in spec:
-            from webdataset.shardlists import expand_urls
-
-            try:
-                files = [u for part in spec.split("::") for u in expand_urls(part)]
-            except ValueError as e:
-                p.add(key, f"got {spec!r}: not a brace pattern ({e})")
-                continue
-            gone = [f for f in files if not os.path.isfile(f)]
-            if gone:
-                p.add(key, f"{len(gone)} of the {len(files)} shard file(s) of {spec!r} do not exist, e.g. {gone[0]!r}")
-        elif not os.path.isfile(spec):
-            p.add(key, f"{spec!r} does not exist (a shard folder, a .tar file, a brace pattern, pipe:... or "
-                  f"'{BUILTIN}digits')")
-    if d.num_classes is None and not d.train.startswith(BUILTIN) and index_classes is None:
-        p.add("data.num_classes", f"not set, and data.train={d.train!r} is not a folder with an index.json to read "
-              "it from; set data.num_classes")
-    elif d.num_classes is not None and index_classes is not None and d.num_classes != index_classes:
-        p.add("data.num_classes", f"got {d.num_classes}, but {os.path.join(d.train, 'index.json')!r} lists "
-              f"{index_classes} classes; leave it unset or make them agree")
 
 
 def _openclip_config_names() -> list[str] | None:

@@ -28,6 +28,7 @@ _EXPORTS = {
     "load_builtin": "builtin",
     "next_epoch": "state",
     "DataError": "errors",
+    "prepare_data": "prepare",
     "SourceError": "errors",
 }
 

@@ -26,10 +26,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from mosa_scale.ckpt.manifest import (MANIFEST_NAME, digest_files, file_problems, manifest_step, read_manifest,
-                                      refusal, tag_files, unlisted_files, write_manifest)
-from mosa_scale.ckpt.safe_load import DEEPSPEED_TYPES, CheckpointError, check_loadable, load_weights_only, \
-    refusal_message
+from mosa_scale.ckpt.manifest import (
+    MANIFEST_NAME,
+    digest_files,
+    file_problems,
+    manifest_step,
+    read_manifest,
+    refusal,
+    tag_files,
+    unlisted_files,
+    write_manifest,
+)
+from mosa_scale.ckpt.safe_load import (
+    DEEPSPEED_TYPES,
+    CheckpointError,
+    check_loadable,
+    load_weights_only,
+    refusal_message,
+)
 from mosa_scale.engine.agree import broadcast_object, gather_objects, on_rank0, rank_world
 from mosa_scale.engine.deepspeed_engine import barrier
 

@@ -17,6 +17,7 @@ from mosa_scale.config.errors import ConfigError
 from mosa_scale.config.run import REPO_ROOT, RUN_OWNED, RunConfig
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.optim.adamw import Fragment
+from mosa_scale.sparse import SparseExpertLinear
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class ZeroShard:
         return hasattr(param, "ds_id")
 
     def local_range(self, param: torch.nn.Parameter) -> tuple[int, int]:
-        if getattr(param, "ds_zero_param_process_group", None) is not None or param.ds_tensor.final_location is not None:
+        secondary = getattr(param, "ds_zero_param_process_group", None) is not None
+        if secondary or param.ds_tensor.final_location is not None:
             raise NotImplementedError(f"parameter {param.ds_id}: loading into hpZ secondary partitions or NVMe "
                                       "offload is not supported; use CPU offload or none")
         size = int(param.ds_tensor.ds_numel)
@@ -176,8 +178,6 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     off-mask weight decay stay exact. A :class:`~mosa_scale.optim.MoSAAdamW` is then bound to the
     fp32 partitions ZeRO hands it (:func:`bind_optimizer`).
     """
-    from mosa_scale.sparse import SparseExpertLinear
-
     keep = {(id(m), name): buf.detach().clone() for m in model.modules() if isinstance(m, SparseExpertLinear)
             for name, buf in m.named_buffers(recurse=False) if buf.is_floating_point()}
     _match_zero_init_dtype(model, ds_config)

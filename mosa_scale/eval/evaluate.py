@@ -20,6 +20,8 @@ from mosa_scale.adapters import is_adapter_name
 from mosa_scale.backbones import Backbone
 from mosa_scale.ckpt.export import check_fits, load_merged
 from mosa_scale.config.run import RunConfig
+from mosa_scale.data import DataSpec, build_loader
+from mosa_scale.model.assembly import build_model
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ def load_merged_classifier(adapter_dir: str | Path, *, pretrained: str | None = 
     Raises:
         ValueError: when the merged tensors do not fit the model the config builds.
     """
-    from mosa_scale.loop.model import build_model
-
     state, manifest, cfg = load_merged(adapter_dir)
     model_cfg = cfg.model if pretrained is None else dataclasses.replace(cfg.model, pretrained=pretrained)
     dense = dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
@@ -121,8 +121,6 @@ def evaluate_adapter(adapter_dir: str | Path, data: str, *, split: str | None = 
     Raises:
         ValueError: bad data arguments or an adapter that does not fit its config.
     """
-    from mosa_scale.data import DataSpec, build_loader
-
     model, backbone, cfg = load_merged_classifier(adapter_dir, pretrained=pretrained, device=device)
     img = backbone.image
     loader = build_loader(DataSpec(shards=data, split=split), image_size=cfg.data.image_size or img.size,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import resource
 import time
 from collections.abc import Iterator
@@ -22,54 +20,28 @@ from mosa_scale.ckpt.consolidate import refuse_legacy_layout
 from mosa_scale.ckpt.manifest import MANIFEST_NAME
 from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config.loader import to_plain
-from mosa_scale.config.run import BUILTIN, RunConfig
-from mosa_scale.data import IGNORE_INDEX, DataError, DataSpec, build_loader, make_shards
+from mosa_scale.config.run import RunConfig
+from mosa_scale.data import IGNORE_INDEX, DataError, build_loader, prepare_data
 from mosa_scale.engine import checkpoint as ckpt
 from mosa_scale.engine.agree import on_rank0
-from mosa_scale.engine.deepspeed_engine import (all_reduce_sum, barrier, deepspeed_config, full_fp32_params,
-                                                init_distributed, initialize, tower_shard)
-from mosa_scale.loop.flops import peak_flops, step_flops, throughput_metrics
+from mosa_scale.engine.deepspeed_engine import (
+    all_reduce_sum,
+    barrier,
+    deepspeed_config,
+    full_fp32_params,
+    init_distributed,
+    initialize,
+    tower_shard,
+)
 from mosa_scale.loop.metrics import MetricLogger
-from mosa_scale.loop.model import build_model
 from mosa_scale.loop.rundir import RunDirError, RunLock
 from mosa_scale.loss import HiddenCapture, consistency_loss
-from mosa_scale.optim import MoSAAdamW, sparse_layers
+from mosa_scale.model.assembly import build_model
+from mosa_scale.model.flops import peak_flops, step_flops, throughput_metrics
+from mosa_scale.optim import MoSAAdamW, sparse_layers, warmup_cosine
 from mosa_scale.sparse import Router
 
 log = logging.getLogger(__name__)
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """lr factor: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def prepare_data(cfg: RunConfig, run_dir: Path, rank: int) -> tuple[DataSpec, DataSpec | None, int]:
-    """Shard specs for train/val, writing a built-in set's shards first (rank 0) if asked."""
-    d = cfg.data
-    train, val, index_dir = d.train, d.val, None
-    if train.startswith(BUILTIN):
-        index_dir = run_dir / "data"
-        if rank == 0 and not (index_dir / "index.json").is_file():
-            make_shards(train[len(BUILTIN):], str(index_dir), samples_per_shard=100, splits="train=0.8,val=0.2",
-                        seed=cfg.train.seed, overwrite=True, progress=False)
-        barrier()
-        train, val = str(index_dir), val or str(index_dir)
-    elif Path(train).is_dir():
-        index_dir = Path(train)
-    num_classes = d.num_classes
-    if num_classes is None and index_dir is not None and (index_dir / "index.json").is_file():
-        num_classes = int(json.loads((index_dir / "index.json").read_text())["num_classes"])
-    if num_classes is None:
-        raise ValueError("data.num_classes is needed: the train shards have no index.json to read it from")
-    common = dict(shuffle_buffer=d.shuffle_buffer, hflip=d.hflip, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio,
-                  allow_unindexed=d.allow_unindexed)
-    train_spec = DataSpec(shards=train, split="train" if index_dir is not None else None, **common)
-    val_spec = DataSpec(shards=val, split="val" if val == str(index_dir) else None, **common) if val else None
-    return train_spec, val_spec, num_classes
 
 
 class Trainer:
@@ -94,7 +66,8 @@ class Trainer:
         self.gas = cfg.accumulation(self.world)
         self.passes = 2 if cfg.consistency.enabled else 1
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, replayable
-        self.train_spec, self.val_spec, self.num_classes = prepare_data(cfg, self.run_dir, self.rank)
+        self.train_spec, self.val_spec, self.num_classes = prepare_data(
+            cfg.data, self.run_dir, self.rank, seed=cfg.train.seed, wait=barrier)
         self.router = Router(cfg.train.seed, cfg.routing.scope, self.rank, self.world)
         ds_config = deepspeed_config(cfg, self.world)
         # ZeRO-3: the tower is partitioned as it is built, no rank ever holds all of it

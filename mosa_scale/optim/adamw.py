@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from mosa_scale.optim.groups import build_param_groups, sparse_layers
 from mosa_scale.sparse.linear import SparseExpertLinear
 from mosa_scale.sparse.routing import Router, Window
 
@@ -341,8 +342,6 @@ class MoSAAdamW(torch.optim.Optimizer):
     def for_model(cls, model: torch.nn.Module, *, router: Router | None, weight_decay: float,
                   inactive: Inactive = "skip", **kwargs: Any) -> MoSAAdamW:
         """Builds the groups of ``model`` and the optimizer over them."""
-        from mosa_scale.optim.groups import build_param_groups, sparse_layers
-
         layers = {m.route_id: m for m in sparse_layers(model).values()}
         return cls(build_param_groups(model, weight_decay=weight_decay), router=router, layers=layers,
                    inactive=inactive, weight_decay=weight_decay, **kwargs)

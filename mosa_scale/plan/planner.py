@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from mosa_scale.config.run import REPO_ROOT, HeadConfig, RunConfig
-from mosa_scale.loop.flops import PEAK_FLOPS, step_flops
+from mosa_scale.model.assembly import build_model
+from mosa_scale.model.flops import PEAK_FLOPS, step_flops
 from mosa_scale.plan.trace import StepTrace, trace_step
 from mosa_scale.sparse import Router
 
@@ -116,8 +117,6 @@ def zero_settings(cfg: RunConfig, stage: int) -> dict[str, Any]:
 
 
 def _meta_model(cfg: RunConfig, num_classes: int, zero3_linear: bool = False) -> _Model:
-    from mosa_scale.loop.model import build_model
-
     if cfg.head.kind == "zeroshot":  # a zero-shot head is a linear head of the same shape for planning
         cfg = dataclasses.replace(cfg, head=HeadConfig())
     router = Router(cfg.train.seed, cfg.routing.scope)
@@ -196,7 +195,7 @@ def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persist
             if ids:
                 calls += 1
             for i in ids:
-                avail.add(i)
+                avail.add(i)  # noqa: B023 (called only inside this replay)
                 live += size[i]
                 total += size[i]
                 tower += 0 if info[i].trainable else size[i]

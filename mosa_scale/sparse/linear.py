@@ -147,6 +147,7 @@ class SparseExpertLinear(nn.Module):
         if bias:
             self.biases = nn.Parameter(torch.zeros(out_f if split_bias else num_experts * out_f))
         self._router = [router]  # a list keeps the router out of the module tree
+        self._merged_cache: tuple[Any, tuple[torch.Tensor, torch.Tensor | None]] | None = None  # eval mode
         self.route_id = router.register(name, num_experts)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -190,11 +191,29 @@ class SparseExpertLinear(nn.Module):
             bias_assign=getattr(self, "bias_assign", None) if self.split_bias else None,
         )
 
+    def _merge_key(self) -> tuple[tuple[torch.Tensor, int], ...]:
+        """The tensors the merged weight is computed from, each with its in-place version counter."""
+        ts = [self.slices, self.base, self.assign, self.decay]
+        if self.has_bias:
+            ts.append(self.biases)
+        if self.has_bias and self.split_bias:
+            ts.append(self.bias_assign)
+        return tuple((t, t._version) for t in ts)
+
+    def train(self, mode: bool = True) -> SparseExpertLinear:
+        self._merged_cache = None
+        return super().train(mode)
+
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training: the routed expert's weight (gradients scaled for the data-parallel mean over
-        the units that used it). Eval: the merged weight."""
+        the units that used it). Eval: the merged weight, computed once and kept while in eval mode
+        and while none of its inputs was replaced or changed in place (``train()`` drops it)."""
         if not self.training:
-            return self.merged()
+            key, cached = self._merge_key(), self._merged_cache
+            if cached is None or len(cached[0]) != len(key) or any(
+                    a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], key)):
+                self._merged_cache = cached = (key, self.merged())
+            return cached[1]
         router = self._router[0]
         k = router.choice(self.route_id)
         return self.expert_weight(k, router.grad_scale(self.route_id, k))

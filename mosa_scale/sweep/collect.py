@@ -10,7 +10,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mosa_scale.backbones import count_parameters
 from mosa_scale.config.errors import ConfigError
+from mosa_scale.config.run import REPO_ROOT, load_run_config
+from mosa_scale.model.assembly import build_model
+from mosa_scale.model.flops import step_flops
+from mosa_scale.sparse import Router
 from mosa_scale.sweep.launch import is_done
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,6 @@ def _steady(series: list[tuple[int, float]]) -> list[float]:
 
 
 def _zero_stage(path: str) -> int | None:
-    from mosa_scale.config.run import REPO_ROOT
-
     p = Path(path)
     p = p if p.is_file() else REPO_ROOT / p
     if not p.is_file():
@@ -53,11 +56,6 @@ def _zero_stage(path: str) -> int | None:
 
 def model_counts(cfg: Any, num_classes: int, image_size: int | None = None) -> dict[str, float]:
     """Frozen / trainable parameters and FLOPs of a run's model, built on the meta device."""
-    from mosa_scale.backbones import count_parameters
-    from mosa_scale.loop.flops import step_flops
-    from mosa_scale.loop.model import build_model
-    from mosa_scale.sparse import Router
-
     model, backbone, _ = build_model(cfg, Router(cfg.train.seed), num_classes=num_classes, meta=True)
     flops = step_flops(model, backbone, image_size=image_size or backbone.image.size,
                        global_batch=cfg.train.global_batch, consistency=cfg.consistency.enabled)
@@ -69,8 +67,6 @@ def model_counts(cfg: Any, num_classes: int, image_size: int | None = None) -> d
 
 def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
     """The metrics of one finished (or partial) run directory."""
-    from mosa_scale.config.run import load_run_config
-
     row: dict[str, Any] = {"ranks": ranks}
     if (run_dir / "config.yaml").is_file():
         cfg = load_run_config(run_dir / "config.yaml", world_size=ranks, check_files=False)
@@ -101,7 +97,7 @@ def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
     if "memory/peak_mb" in scalars:
         row["peak_memory_mb"] = max(v for _, v in scalars["memory/peak_mb"])
     for tag, col in (("perf/tflops_per_s_per_gpu", "tflops_per_s_per_gpu"), ("perf/mfu", "mfu")):
-        if tag in scalars:  # logged by the trainer once it is wired to mosa_scale.loop.flops
+        if tag in scalars:  # logged by the trainer once it is wired to mosa_scale.model.flops
             row[col] = statistics.fmean(_steady(scalars[tag]))
     if cfg is not None and manifest is not None:
         try:

@@ -33,6 +33,7 @@ import yaml
 
 from mosa_scale.config.errors import ConfigError, Problems
 from mosa_scale.config.loader import load_yaml, parse_overrides
+from mosa_scale.config.run import load_run_config
 
 TOP_KEYS = ("config", "out_dir", "ranks", "set", "axes", "plot", "cluster")
 DEFAULT_CLUSTER = "deepspeed launchers/train.py --config {config} {overrides}"
@@ -244,8 +245,6 @@ def check_runs(spec: SweepSpec) -> None:
     Raises:
         ConfigError: listing every problem of every run, prefixed with the run's name.
     """
-    from mosa_scale.config.run import load_run_config
-
     problems: list[str] = []
     for run in spec.runs():
         try:

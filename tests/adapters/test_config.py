@@ -1,9 +1,9 @@
 import pytest
+from tiny_models import make_tower
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.config import ConfigError
 from mosa_scale.sparse import Router
-from tiny_models import make_tower
 
 
 @pytest.mark.parametrize("kwargs,field,allowed", [

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import Classifier, batches, make_tower
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name, registered_methods
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.sparse import Router
-from tiny_models import Classifier, batches, make_tower
 
 CASES = [(m, n, fused) for m in registered_methods() for n in (1, 4) for fused in (False, True)]
 
@@ -43,7 +43,8 @@ def test_identity_at_init_and_frozen_backbone(method, n, fused):
         opt.zero_grad()
     after = tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # backbone bit-identical
-    changed = [k for k, v in model.state_dict().items() if is_adapter_name(k) and not torch.equal(v, adapters_before[k])]
+    changed = [k for k, v in model.state_dict().items()
+               if is_adapter_name(k) and not torch.equal(v, adapters_before[k])]
     assert any("up" in k or ".b" in k for k in changed) and any("mosa_head" in k for k in changed)
 
 

@@ -14,12 +14,12 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from mosa_reference import build_pair, max_gap, ref_optimizer
+from tiny_models import batches
 
 from mosa_scale.adapters import AdapterConfig
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict
 from mosa_scale.optim import MoSAAdamW, sparse_layers
-from mosa_reference import build_pair, max_gap, ref_optimizer
-from tiny_models import batches
 
 log = logging.getLogger(__name__)
 LR, WD, STEPS = 1e-2, 0.05, 20
@@ -206,10 +206,11 @@ def test_skip_all_changes_nothing():
 
 @pytest.mark.parametrize("depth,n", [(2, 1), (2, 4), (6, 8)])
 def test_param_groups_do_not_grow_with_depth_or_experts(depth, n):
+    from tiny_models import Classifier, make_tower
+
     from mosa_scale.adapters import inject_adapters
     from mosa_scale.optim import build_param_groups
     from mosa_scale.sparse import Router
-    from tiny_models import Classifier, make_tower
 
     tower = make_tower(depth=depth)
     model = Classifier(tower, 32)

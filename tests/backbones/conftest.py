@@ -7,9 +7,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_towers import TINY_HF, TINY_OPENCLIP, TOWERS  # noqa: E402
 
 from mosa_scale.backbones import BackboneConfig  # noqa: E402
-from tiny_towers import TINY_HF, TINY_OPENCLIP, TOWERS  # noqa: E402
 
 FAMILY_CFGS = dict(TOWERS)  # the three families and OpenCLIP's timm towers (SigLIP, EVA02, EVA02-E)
 

@@ -29,7 +29,7 @@ from mosa_scale.backbones import build_backbone  # noqa: E402
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict  # noqa: E402
 from mosa_scale.config.run import RunConfig, TrainConfig  # noqa: E402
 from mosa_scale.engine.deepspeed_engine import ZeroShard, full_fp32_params, init_distributed, initialize  # noqa: E402
-from mosa_scale.loop.model import build_model  # noqa: E402
+from mosa_scale.model.assembly import build_model  # noqa: E402
 from mosa_scale.optim import MoSAAdamW  # noqa: E402
 from mosa_scale.sparse import Router  # noqa: E402
 
@@ -111,9 +111,8 @@ def write_sharded_safetensors(sd: dict, d: Path, stem: str, parts: int) -> Path:
 
 def write_checkpoints(root: Path) -> dict[str, tuple[str, str]]:
     """Checkpoints of every layout; returns {case: (tower kind, pretrained path)}."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
-
     from tiny_towers import TINY_HF
+    from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
 
     cases = {}
     torch.manual_seed(11)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name, registered_methods
 from mosa_scale.backbones import BackboneConfig, build_backbone, count_parameters, enable_gradient_checkpointing
-from mosa_scale.loop.model import AdaptedClassifier, _stream_width
+from mosa_scale.model.assembly import AdaptedClassifier, _stream_width
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.sparse import Router
 

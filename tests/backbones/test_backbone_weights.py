@@ -10,14 +10,14 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_towers import TOWERS
 from torch import nn
 
-from mosa_scale.backbones import BackboneConfig, build_backbone
+from mosa_scale.backbones import build_backbone
 from mosa_scale.backbones.construct import construct_in_dtype
 from mosa_scale.backbones.hf import load_hf_weights
 from mosa_scale.backbones.timm_towers import TIMM_KWARGS, timm_create_kwargs
 from mosa_scale.backbones.weights import WeightsError, open_checkpoint
-from tiny_towers import TOWERS
 
 
 def _sharded(sd: dict, d: Path, stem: str = "open_clip_model", parts: int = 3) -> Path:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from launch_util import REPO, deepspeed_launch
 from tiny_towers import TOWERS
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 WORKER = REPO / "tests" / "backbones" / "shard_worker.py"
 

@@ -7,7 +7,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from launch_util import REPO, launch_env
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 
 def test_mosa_adds_no_collective_over_the_dense_adapter(tmp_path):

@@ -12,7 +12,6 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
 from launch_util import REPO, deepspeed_launch  # noqa: E402
 
 TRAIN = REPO / "launchers" / "train.py"

@@ -14,17 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launch_util import REPO, launch_env
 from safetensors.torch import load_file
 
-from launch_util import REPO, launch_env
 from mosa_scale.ckpt import read_adapter
-from mosa_scale.ckpt.consolidate import (CheckpointError, CheckpointMismatch, consolidate, load_weights_only,
-                                         read_zero_checkpoint)
+from mosa_scale.ckpt.consolidate import (
+    CheckpointError,
+    CheckpointMismatch,
+    consolidate,
+    load_weights_only,
+    read_zero_checkpoint,
+)
 from mosa_scale.config.run import load_run_config
 from mosa_scale.data import DataSpec, build_loader
 from mosa_scale.eval import load_merged_classifier
-from mosa_scale.loop.model import build_model
+from mosa_scale.model.assembly import build_model
 from mosa_scale.sparse import Router
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 log = logging.getLogger(__name__)
 MERGE = REPO / "tools" / "merge_adapter.py"

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_util import REPO, launch_env
+
 from mosa_scale.ckpt.consolidate import consolidate
 from mosa_scale.eval import evaluate_adapter
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 log = logging.getLogger(__name__)
 EVAL = REPO / "launchers" / "eval.py"

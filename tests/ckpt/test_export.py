@@ -20,7 +20,7 @@ from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter 
 from mosa_scale.ckpt.export import attach_merged_adapter, export_peft, fold_lora  # noqa: E402
 from mosa_scale.config.loader import to_plain  # noqa: E402
 from mosa_scale.config.run import RunConfig, TrainConfig  # noqa: E402
-from mosa_scale.loop.model import build_model  # noqa: E402
+from mosa_scale.model.assembly import build_model  # noqa: E402
 from mosa_scale.optim import MoSAAdamW  # noqa: E402
 from mosa_scale.sparse import Router  # noqa: E402
 

@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_util import REPO, launch_env
+
 from mosa_scale.ckpt.consolidate import consolidate
 from mosa_scale.ckpt.inspect import inspect_path
 from mosa_scale.config.run import load_run_config
-from mosa_scale.loop.model import build_model
+from mosa_scale.model.assembly import build_model
 from mosa_scale.sparse import Router
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 
 def replayed_activations(cfg, world: int = 2) -> dict[str, list[int]]:

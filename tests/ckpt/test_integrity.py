@@ -13,15 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from hostile_files import (
+    data_offsets,
+    flip_byte,
+    nan_into,
+    plant_payload,
+    refresh_manifest,
+    rewrite_adapter,
+    set_header_shape,
+)
+from launch_util import REPO, launch_env
 from safetensors.torch import load_file
 
-from hostile_files import (data_offsets, flip_byte, nan_into, plant_payload, refresh_manifest,
-                           rewrite_adapter, set_header_shape)
-from launch_util import REPO, launch_env
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, AdapterFileError, read_adapter
 from mosa_scale.ckpt.consolidate import CheckpointError, consolidate, load_weights_only
 from mosa_scale.ckpt.manifest import MANIFEST_NAME, file_digest, read_manifest, tag_files, verify_tag
 from mosa_scale.engine.checkpoint import RANK_STATE, WeightsOnlyLoads, retain
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 MERGE = REPO / "tools" / "merge_adapter.py"
 INSPECT = REPO / "tools" / "inspect_checkpoint.py"

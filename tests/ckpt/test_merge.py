@@ -4,12 +4,12 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from tiny_models import Classifier, batches, make_tower
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict
 from mosa_scale.optim import MoSAAdamW, sparse_layers
 from mosa_scale.sparse import Router
-from tiny_models import Classifier, batches, make_tower
 
 log = logging.getLogger(__name__)
 

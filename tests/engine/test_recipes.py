@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from launch_util import REPO
 from webdataset.shardlists import expand_urls
 
-from launch_util import REPO
 from mosa_scale.config.run import load_run_config
 
 CONFIGS = REPO / "launchers" / "configs"

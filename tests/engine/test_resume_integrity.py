@@ -15,12 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from safetensors.torch import load_file
-
 from hostile_files import flip_byte, plant_payload, refresh_manifest
 from launch_util import REPO, deepspeed_cmd, deepspeed_launch, launch_env
+from safetensors.torch import load_file
+
 from mosa_scale.ckpt.manifest import MANIFEST_NAME, read_manifest, verify_tag
 from mosa_scale.data import make_shards
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 TRAIN = REPO / "launchers" / "train.py"
 CONFIG = REPO / "tests" / "engine" / "tiny_run.yaml"

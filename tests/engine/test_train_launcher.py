@@ -12,10 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from launch_util import REPO, deepspeed_cmd, deepspeed_launch, launch_env
 from safetensors.torch import load_file
 
-from launch_util import REPO, deepspeed_cmd, deepspeed_launch, launch_env
 from mosa_scale.ckpt.safe_load import load_weights_only
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 TRAIN = REPO / "launchers" / "train.py"
 CONFIG = REPO / "tests" / "engine" / "tiny_run.yaml"

@@ -12,14 +12,16 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from launch_util import REPO, deepspeed_launch
 from mosa_reference import build_pair, max_gap, ref_optimizer
+from safetensors.torch import load_file
+from tiny_models import batches
+
 from mosa_scale.adapters import AdapterConfig
 from mosa_scale.optim import sparse_layers
 from mosa_scale.sparse import Router
-from tiny_models import batches
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 log = logging.getLogger(__name__)
 WORKER = REPO / "tests" / "engine" / "zero_worker.py"
@@ -65,7 +67,7 @@ def runs(tmp_path_factory):
     return out, results
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(share: str, n: int, inactive: str, scope: str, world: int = 2):
     """Single process, in the runs' float32: each rank's micro-batch with its own experts; slice k's
     gradient is the mean over the ranks that used it, every other gradient the mean over all ranks.
@@ -163,7 +165,8 @@ def test_two_param_groups_and_one_dense_adapter_of_state(runs):
         # split biases: MoSA holds exactly the dense adapter's values; ZeRO pads each of the 2 groups
         pad = 2 * 2 * 2 * 4 * 2
         assert abs(mosa["adam_state_bytes"] - dense["adam_state_bytes"]) <= pad
-        line = f"ZeRO-{stage}: Adam state per rank MoSA {mosa['adam_state_bytes']} B, dense {dense['adam_state_bytes']} B"
+        line = (f"ZeRO-{stage}: Adam state per rank MoSA {mosa['adam_state_bytes']} B, "
+                f"dense {dense['adam_state_bytes']} B")
         if stage == 0:
             assert mosa["adam_state_bytes"] == dense["adam_state_bytes"] == 8 * mosa["trainable"]
         else:

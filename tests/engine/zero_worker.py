@@ -22,8 +22,7 @@ from tiny_models import Classifier, batches, make_tower  # noqa: E402
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters  # noqa: E402
 from mosa_scale.engine import checkpoint as ckpt  # noqa: E402
-from mosa_scale.engine.deepspeed_engine import (full_fp32_params, init_distributed, initialize,  # noqa: E402
-                                                optimizer_fragments)
+from mosa_scale.engine.deepspeed_engine import full_fp32_params, init_distributed, initialize, optimizer_fragments  # noqa: E402
 from mosa_scale.optim import MoSAAdamW, sparse_layers  # noqa: E402
 from mosa_scale.sparse import Router  # noqa: E402
 

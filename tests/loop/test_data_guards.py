@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch_util import REPO, deepspeed_launch, launch_env
+
 from mosa_scale.config import ConfigError
 from mosa_scale.config.run import load_run_config
 from mosa_scale.data import make_shards
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 TRAIN = REPO / "launchers" / "train.py"
 CONFIG = REPO / "tests" / "engine" / "tiny_run.yaml"

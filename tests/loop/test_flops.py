@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.backbones import BackboneConfig, build_backbone, build_head
-from mosa_scale.loop.flops import mfu, peak_flops, step_flops, throughput_metrics
-from mosa_scale.loop.model import AdaptedClassifier
+from mosa_scale.model.assembly import AdaptedClassifier
+from mosa_scale.model.flops import mfu, peak_flops, step_flops, throughput_metrics
 from mosa_scale.sparse import Router
 
 D, L, F, S, P, K, R = 64, 3, 128, 32, 8, 10, 8  # width, blocks, mlp, image, patch, classes, bottleneck

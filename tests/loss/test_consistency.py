@@ -43,7 +43,8 @@ def test_hidden_capture_records_module_outputs():
     lin(x)
     lin(x)
     got = cap.take()
-    assert len(got) == 2 and torch.equal(got[0], torch.nn.functional.linear(x, lin.weight, lin.bias)) and cap.take() == []
+    assert len(got) == 2 and cap.take() == []
+    assert torch.equal(got[0], torch.nn.functional.linear(x, lin.weight, lin.bias))
     cap.remove()
     lin(x)
     assert cap.take() == []

@@ -25,9 +25,8 @@ from plan_cases import CASES, case_config, ds_config  # noqa: E402
 
 from mosa_scale.backbones import enable_gradient_checkpointing  # noqa: E402
 from mosa_scale.engine.collectives import CollectiveCounter  # noqa: E402
-from mosa_scale.engine.deepspeed_engine import (initialize, init_distributed,  # noqa: E402
-                                                tower_shard)
-from mosa_scale.loop.model import build_model  # noqa: E402
+from mosa_scale.engine.deepspeed_engine import init_distributed, initialize, tower_shard  # noqa: E402
+from mosa_scale.model.assembly import build_model  # noqa: E402
 from mosa_scale.optim import MoSAAdamW  # noqa: E402
 from mosa_scale.plan.trace import LiveBytes  # noqa: E402
 from mosa_scale.sparse import Router  # noqa: E402
@@ -115,7 +114,8 @@ def run(name: str, rank: int, world: int) -> dict:
                 if stage in (1, 2):
                     grads += tensor_bytes(inner.averaged_gradients)
                 if stage == 3:
-                    grads += inner.grad_partitions_flat_buffer.numel() * inner.grad_partitions_flat_buffer.element_size()
+                    flat = inner.grad_partitions_flat_buffer
+                    grads += flat.numel() * flat.element_size()
             engine.step()
         _, peak = rss()
         if last:

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from launch_util import REPO, deepspeed_launch, launch_env
 from plan_cases import CASES, case_config, ds_config
+
 from mosa_scale.plan import Hardware, plan_run
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 WORKER = REPO / "tests" / "plan" / "plan_worker.py"
 CPU = Hardware(name="cpu", memory_gib=1e6, peak_tflops=1.0, overhead_gib=0.0)
@@ -45,7 +47,8 @@ def test_zero3_gathers_and_reductions(measured, predicted, name):
         if name in EXACT:
             assert (calls, nbytes) == (comm["gather_calls_per_micro_batch"], comm["gather_bytes"]), m
         else:  # re-run modules: when DeepSpeed frees them in the backward is approximated
-            assert abs(nbytes / comm["gather_bytes"] - 1) < 0.02 and abs(calls - comm["gather_calls_per_micro_batch"]) <= 4
+            assert abs(nbytes / comm["gather_bytes"] - 1) < 0.02
+            assert abs(calls - comm["gather_calls_per_micro_batch"]) <= 4
     tower = sum(n * b for n, b in _tower(name))
     ratio = comm["tower_gather_bytes"] / tower  # how often the whole tower crossed the wire
     expected = {"s3_resident": 1.0, "s3_ac": 2.7, "s3_consistency": 3.5}.get(name)

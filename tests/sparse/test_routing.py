@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from tiny_models import Classifier, batches, make_tower
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.loss import consistency_loss
 from mosa_scale.sparse import Router
-from tiny_models import Classifier, batches, make_tower
 
 
 def test_plans_are_pure_functions_of_the_step():

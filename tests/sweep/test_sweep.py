@@ -15,13 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from launch_util import REPO, launch_env
+
 from mosa_scale.config import ConfigError
-from mosa_scale.config.loader import parse_overrides
 from mosa_scale.config.errors import Problems
+from mosa_scale.config.loader import parse_overrides
 from mosa_scale.sweep import SweepRunner, check_runs, load_sweep, parse_sweep, read_csv
 from mosa_scale.sweep.spec import format_value
+
+pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 SWEEP = REPO / "launchers" / "configs" / "sweeps" / "tiny_grid.yaml"
 TOOL = REPO / "tools" / "sweep.py"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mosa_scale.adapters import InjectionReport, inject_adapters
-from mosa_scale.backbones import Backbone, build_backbone, build_head
+from mosa_scale.backbones import Backbone, build_backbone, build_head, build_openclip_zeroshot
 from mosa_scale.backbones.base import stream_width
 from mosa_scale.backbones.construct import ShardHooks
 from mosa_scale.config.run import RunConfig
@@ -44,8 +44,6 @@ def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int, meta
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
         if cfg.head.kind == "zeroshot":
-            from mosa_scale.backbones import build_openclip_zeroshot
-
             backbone, head = build_openclip_zeroshot(cfg.model, list(cfg.head.class_names or ()))
         else:
             backbone = build_backbone(cfg.model, meta=meta, shard=shard)
