@@ -78,9 +78,10 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
             "partitions": partition_stats(state), "tensors": tensor_table(state)}
 
 
-def inspect_deepspeed(path: str | Path, tag: str | None = None) -> dict[str, Any]:
-    """A DeepSpeed checkpoint (run dir, checkpoints/ folder or tag folder), consolidated."""
-    ck = read_zero_checkpoint(path, tag=tag)
+def inspect_deepspeed(path: str | Path, tag: str | None = None, *, unverified: bool = False) -> dict[str, Any]:
+    """A DeepSpeed checkpoint (run dir, checkpoints/ folder or tag folder), consolidated
+    (``unverified``: see :func:`~mosa_scale.ckpt.consolidate.read_zero_checkpoint`)."""
+    ck = read_zero_checkpoint(path, tag=tag, unverified=unverified)
     state = ck.trained_state()
     return {"kind": "deepspeed", "path": str(ck.path), "tag": ck.path.name, "zero_stage": ck.stage,
             "world_size": ck.world_size, "step": ck.step, "router": ck.router, "files": ck.files,
@@ -107,7 +108,7 @@ def _tree(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
     return {prefix or "<root>": type(obj).__name__ if isinstance(obj, (Mapping, list, tuple)) else repr(obj)[:120]}
 
 
-def inspect_path(path: str | Path, *, tag: str | None = None) -> dict[str, Any]:
+def inspect_path(path: str | Path, *, tag: str | None = None, unverified: bool = False) -> dict[str, Any]:
     """Dispatches on what ``path`` is: adapter folder/file, DeepSpeed checkpoint, or one ``.pt`` file.
 
     Raises:
@@ -126,4 +127,4 @@ def inspect_path(path: str | Path, *, tag: str | None = None) -> dict[str, Any]:
             return {"kind": "rank_state", "path": str(p), "bytes": p.stat().st_size,
                     "note": "per-rank RNG and data position for resuming; not needed to consolidate or merge"}
         return {"kind": "torch_file", "path": str(p), "bytes": p.stat().st_size, "entries": _tree(load_weights_only(p))}
-    return inspect_deepspeed(p, tag=tag)
+    return inspect_deepspeed(p, tag=tag, unverified=unverified)

@@ -499,7 +499,10 @@ def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int =
             json.dump(index, f, indent=1)
         os.replace(os.path.join(out, INDEX_NAME + ".tmp"), os.path.join(out, INDEX_NAME))
     except BaseException:
-        for name in [*written, INDEX_NAME + ".tmp"]:
+        # _prepare_out left no shard or index here, so every one now present is this call's; an
+        # interrupt can land between opening a shard's .tmp file and recording it, hence the listing
+        ours = {n for n in os.listdir(out) if n in (INDEX_NAME, INDEX_NAME + ".tmp") or _OWN_FILE.match(n)}
+        for name in sorted(ours | set(written)):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         logger.warning("make_shards stopped: removed the %d shard(s) it had written to %s", len(written),

@@ -13,6 +13,7 @@ import torch
 
 from mosa_scale.ckpt import read_adapter
 from mosa_scale.ckpt.consolidate import CheckpointError, consolidate, read_zero_checkpoint, refuse_legacy_layout
+from mosa_scale.ckpt.inspect import inspect_path
 from mosa_scale.sparse.layout import legacy_layers
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_zero2_run"
@@ -36,6 +37,11 @@ def test_legacy_checkpoint_consolidates_to_the_adapter_its_run_wrote(tmp_path):
     written, _ = read_adapter(run / "adapter")  # what the old training run merged itself
     assert merged.keys() == written.keys() and len(merged) > 4
     assert max(float((merged[k] - written[k]).abs().max()) for k in merged) == 0.0
+    with pytest.raises(CheckpointError, match="manifest.json does not exist"):
+        inspect_path(run)
+    report = inspect_path(run, unverified=True)
+    assert report["kind"] == "deepspeed" and report["zero_stage"] == 2 and report["step"] == 6
+    assert report["partitions"] and report["expert_activations"]
 
 
 def test_legacy_checkpoint_is_refused_for_resume(tmp_path):

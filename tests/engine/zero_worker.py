@@ -116,7 +116,10 @@ def run(stage, experts, share, inactive, scope, rank, world, out: Path, resume: 
         train(m2, o2, e2, r2, rank=rank, world=world, start=0, stop=STEPS // 2, check=False)
         ckpt.save(e2, ckpt_dir, STEPS // 2, client_state={}, rank_state={})
         m3, o3, e3, r3 = build(stage, experts, share, inactive, scope, rank, world)
-        assert ckpt.load(e3, ckpt_dir) is not None
+        tag_name = ckpt.resume_tag(ckpt_dir)
+        assert tag_name == f"step{STEPS // 2:08d}"
+        ckpt.verify(ckpt_dir, tag_name)  # the manifest every resume checks first
+        ckpt.load(e3, ckpt_dir, tag_name)
         train(m3, o3, e3, r3, rank=rank, world=world, start=STEPS // 2, stop=STEPS, check=False)
         again = full_fp32_params(e3, names)
         again_buf = {n: b.detach().cpu() for n, b in m3.named_buffers() if n.endswith((".decay", ".steps"))}
