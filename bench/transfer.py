@@ -38,7 +38,8 @@ def main() -> int:
     ap.add_argument("--out-dir", required=True, help="study folder (rows, tower, report); rerun to resume")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the rows and stop")
     for flag, kind, default, what in (
-            ("tasks", str, d.tasks, "tasks"), ("methods", str, d.methods, "methods"), ("lrs", float, d.lrs, "phase A rates"),
+            ("tasks", str, d.tasks, "tasks"), ("methods", str, d.methods, "methods"),
+            ("lrs", float, d.lrs, "phase A rates"),
             ("final-steps", int, d.final_steps, "phase C schedules"), ("seeds", int, d.final_seeds, "phase C seeds"),
             ("experts", int, d.experts, "phase B: N"), ("shares", str, d.shares, "phase B: MoSA shares"),
             ("lora-shares", str, d.lora_shares, "phase B: MoSA-LoRA shares"),

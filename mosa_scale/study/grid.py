@@ -165,7 +165,8 @@ class StudyGrid:
                 chosen[m][n] = best([i for i, v in enumerate(variants) if v.num_experts == n])
         return chosen
 
-    def gain_method(self, rows: Rows, lrs: dict[str, float], variants: dict[str, dict[int | None, Variant]]) -> str | None:
+    def gain_method(self, rows: Rows, lrs: dict[str, float],
+                    variants: dict[str, dict[int | None, Variant]]) -> str | None:
         """The MoSA semantics whose best variant has the higher validation score (None: no MoSA)."""
         mosa = [m for m in self.methods if parse_method(m)[0] == "mosa" and m in variants]
         if not mosa:

@@ -74,7 +74,8 @@ class Study:
         self.meta: dict[str, Any] = json.loads(meta.read_text()) if meta.is_file() else {}
         old = self.meta.get("settings")
         if old is not None and old != asdict(settings):
-            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items() if old.get(k) != v)
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items()
+                             if old.get(k) != v)
             raise StudyError(f"{self.out} holds a study with other settings ({diff}); its rows would not be "
                              "comparable: pass the same settings, or use a new --out-dir")
         self.meta.update(settings=asdict(settings), grid=grid.to_dict())
@@ -99,7 +100,8 @@ class Study:
                                           seed=s.pretrain_seed)
         self._write_meta()
         runs, _ = self.grid.plan(self.rows.rows)
-        log.info("study in %s: %d of about %d runs already done", self.out, sum(r.id in self.rows for r in runs), len(runs))
+        log.info("study in %s: %d of about %d runs already done", self.out, sum(r.id in self.rows for r in runs),
+                 len(runs))
         g = self.grid
         self._execute(g.phase_a(), "A")
         lrs = g.choose_lrs(self.rows.rows)
@@ -107,7 +109,8 @@ class Study:
         self._execute(g.phase_b(lrs), "B")
         variants = g.choose_variants(self.rows.rows, lrs)
         configs = g.final_configs(lrs, variants, g.gain_method(self.rows.rows, lrs, variants))
-        log.info("phase B chose the final configurations: %s", "; ".join(f"{c.name} lr {c.lr:g} ({c.role})" for c in configs))
+        log.info("phase B chose the final configurations: %s",
+                 "; ".join(f"{c.name} lr {c.lr:g} ({c.role})" for c in configs))
         self._execute(g.phase_c(configs), "C")
         files = self.report()
         log.info("study complete: %d runs; report in %s", len(self.rows), files[0])
@@ -148,7 +151,8 @@ class Study:
         log.info("[%d/%s] %s %s %s %s lr %g, %d steps, seed %d: %s top-1 %.2f%% (%.0f s); %d left, ETA %s (%s)%s",
                  len(planned) - len(left), len(planned) if final else f"~{len(planned)}", run.phase, run.task,
                  run.method, run.variant.tag, run.lr, run.steps, run.seed, run.eval, 100 * result["top1"],
-                 result["seconds"], len(left), _duration(eta), finish, "" if final else " (estimated before all choices)")
+                 result["seconds"], len(left), _duration(eta), finish,
+                 "" if final else " (estimated before all choices)")
 
 
 def report_only(out_dir: str | Path) -> list[Path]:

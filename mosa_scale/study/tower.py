@@ -57,7 +57,8 @@ class Pretrain(nn.Module):
         return self.head(h[:, 1:].mean(1))  # mean of patch tokens, as the adapted backbone pools
 
 
-def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: int = 128, seed: int = 0) -> dict[str, Any]:
+def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: int = 128,
+             seed: int = 0) -> dict[str, Any]:
     """Trains :class:`Pretrain` (AdamW 1e-3, wd 0.05, 5% warm-up then cosine, horizontal flips) and
     saves the ViT with ``save_pretrained`` into ``out_dir``; returns what it measured."""
     torch.manual_seed(seed)

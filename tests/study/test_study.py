@@ -80,7 +80,8 @@ def test_choices_are_joint_over_tasks_and_ties_go_to_grid_order():
     for m, vs in screen.items():
         rows.update(_val_rows(g, {(m, v, lrs[m], t): acc for v, acc in vs.items() for t in (f, d)}))
     chosen = g.choose_variants(rows, lrs)
-    assert chosen["mosa-skip"] == {None: Variant(2, "down", True), 2: Variant(2, "down", True), 4: Variant(4, "down", True)}
+    assert chosen["mosa-skip"] == {None: Variant(2, "down", True), 2: Variant(2, "down", True),
+                                   4: Variant(4, "down", True)}
     assert chosen["mosa-coast"] == {None: Variant(4, "down", True), 2: Variant(2, "down", False),  # tie: off first
                                     4: Variant(4, "down", True)}
     gain = g.gain_method(rows, lrs, chosen)
@@ -227,11 +228,13 @@ def test_miniature_study_killed_after_its_first_row_resumes_without_redoing_it(t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chosen_lr"] == {"mosa-coast": 0.005} and summary["runs_done"] == summary["runs_planned"] == 2
     assert summary["final"] == [{"method": "mosa-coast", "variant": "n4-down-c0", "lr": 0.005, "role": "best",
-                                 "task": "digits", "steps": 80, "seeds": [0], "mean": row_c["top1"], "std": 0.0, "n": 1}]
+                                 "task": "digits", "steps": 80, "seeds": [0], "mean": row_c["top1"], "std": 0.0,
+                                 "n": 1}]
     report = (out / "report.md").read_text()
     assert "Status: complete, 2 of 2 runs done" in report
     assert f"| mosa-coast | n4-down-c0 | 0.005 | best | {100 * row_c['top1']:.2f} |" in report
-    assert f"| mosa-coast | n4-down-c0 | 0.005 | {100 * row_a['top1']:.2f} | {100 * row_a['top1']:.2f} | **yes** |" in report
+    val = f"{100 * row_a['top1']:.2f}"
+    assert f"| mosa-coast | n4-down-c0 | 0.005 | {val} | {val} | **yes** |" in report
     assert (out / "top1_vs_steps.png").read_bytes()[:8] == PNG
 
     for name in ("report.md", "summary.json", "top1_vs_steps.png"):
