@@ -68,7 +68,7 @@ def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: in
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, steps, max(1, steps // 20)))
     g = torch.Generator().manual_seed(seed)
     t0, step = time.perf_counter(), 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=g)
         for i in range(0, len(train) - batch + 1, batch):
             idx = perm[i:i + batch]
@@ -81,6 +81,8 @@ def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: in
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
+        log.info("pretraining: epoch %d/%d done (%d steps, %.0f s, last loss %.3f)", epoch + 1, epochs, step,
+                 time.perf_counter() - t0, float(loss.detach()))
     model.vit.save_pretrained(str(out_dir))
     return {"epochs": epochs, "steps": step, "batch": batch, "samples": len(train), "seed": seed,
             "seconds": time.perf_counter() - t0, "test_top1_classes_0-4": accuracy(model, test)}
