@@ -202,6 +202,7 @@ def _plot(grid: StudyGrid, s: dict[str, Any], out_dir: Path) -> list[Path]:
                                 yerr=[0.0, *(100 * best[n]["std"] for n in ns)], marker="o", capsize=3,
                                 linestyle=styles.get(steps, "-"), label=f"{m}, {steps} steps")
         ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks([1, *grid.experts])
         ax.set_xlabel("experts N (1 = dense adapter)")
         ax.set_ylabel("test top-1 gain over the dense adapter (points)")
 
