@@ -32,23 +32,24 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
+LISTS = {"tasks": str, "methods": str, "lrs": float, "final_steps": int, "final_seeds": int, "experts": int,
+         "shares": str, "lora_shares": str, "consistency": on_off}  # StudyGrid fields, comma-separated
+GRID_INTS = ("select_steps", "extend_lrs")
+SETTINGS = ("batch", "bottleneck", "labelled", "pretrain_epochs", "pretrain_samples")
+
+
 def main() -> int:
-    d, s = StudyGrid(), StudySettings()
+    grid0, settings0 = StudyGrid(), StudySettings()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", required=True, help="study folder (rows, tower, report); rerun to resume")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the rows and stop")
-    for flag, kind, default, what in (
-            ("tasks", str, d.tasks, "tasks"), ("methods", str, d.methods, "methods"),
-            ("lrs", float, d.lrs, "phase A rates"),
-            ("final-steps", int, d.final_steps, "phase C schedules"), ("seeds", int, d.final_seeds, "phase C seeds"),
-            ("experts", int, d.experts, "phase B: N"), ("shares", str, d.shares, "phase B: MoSA shares"),
-            ("lora-shares", str, d.lora_shares, "phase B: MoSA-LoRA shares"),
-            ("consistency", on_off, d.consistency, "phase B: consistency")):
-        shown = ",".join({True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v) for v in default)
-        ap.add_argument(f"--{flag}", type=csv(kind), default=tuple(default), help=f"{what} (default {shown})")
-    ap.add_argument("--select-steps", type=int, default=d.select_steps, help="steps of phases A and B")
-    for name in ("batch", "bottleneck", "labelled", "pretrain_epochs", "pretrain_samples"):
-        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(s, name))
+    for name, kind in LISTS.items():
+        default = getattr(grid0, name)
+        shown = ",".join(("on" if v else "off") if isinstance(v, bool) else str(v) for v in default)
+        ap.add_argument("--" + name.replace("_", "-"), type=csv(kind), default=default, help=f"default {shown}")
+    for source, names in ((grid0, GRID_INTS), (settings0, SETTINGS)):
+        for name in names:
+            ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(source, name))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mosa_scale.study").setLevel(logging.INFO)  # progress; not every model build
@@ -59,11 +60,8 @@ def main() -> int:
     if args.report_only:
         print("\n".join(map(str, report_only(args.out_dir))))
         return 0
-    grid = StudyGrid(tasks=args.tasks, methods=args.methods, lrs=args.lrs, select_steps=args.select_steps,
-                     final_steps=args.final_steps, final_seeds=args.seeds, experts=args.experts, shares=args.shares,
-                     lora_shares=args.lora_shares, consistency=args.consistency)
-    settings = StudySettings(batch=args.batch, bottleneck=args.bottleneck, labelled=args.labelled,
-                             pretrain_epochs=args.pretrain_epochs, pretrain_samples=args.pretrain_samples)
+    grid = StudyGrid(**{k: getattr(args, k) for k in (*LISTS, *GRID_INTS)})
+    settings = StudySettings(**{k: getattr(args, k) for k in SETTINGS})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
         files = Study(args.out_dir, grid, settings).run()

@@ -1,7 +1,9 @@
 """The study's grid, its three phases and the choices made between them.
 
-* Phase A (learning rate): every method at every rate, ``select_steps`` steps, seed
-  ``select_seed``, validation split; sparse methods in their base variant.
+* Phase A (learning rate): every method at every rate of ``lrs``, ``select_steps`` steps, seed
+  ``select_seed``, validation split; sparse methods in their base variant. A method whose best
+  rate is the grid's largest (smallest) is also run at the next rate out (the grid's end ratio
+  again), up to ``extend_lrs`` more per side, so every chosen rate is bracketed or at that limit.
 * Phase B (variant screen): every variant of each sparse method at that method's chosen rate,
   otherwise as phase A (the base variant's runs are phase A's, reused by id).
 * Phase C (final): every final configuration at every length of ``final_steps`` and every seed
@@ -54,6 +56,7 @@ class StudyGrid:
     tasks: tuple[str, ...] = TASKS
     methods: tuple[str, ...] = METHODS
     lrs: tuple[float, ...] = (1e-3, 5e-3, 2e-2)
+    extend_lrs: int = 2
     select_steps: int = 1250
     select_seed: int = 0
     final_steps: tuple[int, ...] = (300, 1250, 3000)
@@ -80,6 +83,10 @@ class StudyGrid:
         for lr in self.lrs:
             if not lr > 0:
                 p.add("lrs", f"got {lr!r}; must be positive")
+        if list(self.lrs) != sorted(self.lrs):
+            p.add("lrs", f"got {list(self.lrs)}; list them in increasing order")
+        if not isinstance(self.extend_lrs, int) or self.extend_lrs < 0:
+            p.add("extend_lrs", f"got {self.extend_lrs!r}; must be an integer >= 0")
         for s in (self.select_steps, *self.final_steps):
             if not isinstance(s, int) or s < 1:
                 p.add("steps", f"got {s!r}; must be a positive integer")
@@ -116,9 +123,29 @@ class StudyGrid:
         return [Variant(n, s, c) for n in self.experts for s in shares for c in self.consistency]
 
     # ------------------------------------------------------------------ phases
-    def phase_a(self) -> list[RunSpec]:
+    def method_lrs(self, rows: Rows, method: str) -> list[float]:
+        """The rates phase A tries for ``method`` given the rows so far (increasing): ``lrs``, plus
+        the next rate out on a side where the best rate sits, while the runs at every rate so far
+        are in and ``extend_lrs`` allows."""
+        lrs, up, down = list(self.lrs), 0, 0
+        while True:
+            scores = [self.val_score(rows, method, self.first_variant(method), lr) for lr in lrs]
+            if any(s is None for s in scores) or len(lrs) < 2:
+                return lrs
+            best = max(range(len(lrs)), key=lambda i: (scores[i], -i))
+            if best == len(lrs) - 1 and up < self.extend_lrs:
+                lrs.append(float(f"{lrs[-1] * self.lrs[-1] / self.lrs[-2]:.6g}"))  # e.g. 2e-2 -> 8e-2
+                up += 1
+            elif best == 0 and down < self.extend_lrs:
+                lrs.insert(0, float(f"{lrs[0] * self.lrs[0] / self.lrs[1]:.6g}"))  # e.g. 1e-3 -> 2e-4
+                down += 1
+            else:
+                return lrs
+
+    def phase_a(self, rows: Rows | None = None) -> list[RunSpec]:
+        """The rate runs the rows call for so far (rerun after they are in, until none is missing)."""
         return [RunSpec(t, m, self.first_variant(m), lr, self.select_steps, self.select_seed, "val", "A")
-                for m in self.methods for lr in self.lrs for t in self.tasks]
+                for m in self.methods for lr in self.method_lrs(rows or {}, m) for t in self.tasks]
 
     def phase_b(self, lrs: dict[str, float]) -> list[RunSpec]:
         return [RunSpec(t, m, v, lrs[m], self.select_steps, self.select_seed, "val", "B")
@@ -140,9 +167,10 @@ class StudyGrid:
         """Each method's rate (phase A); methods whose phase A is incomplete are left out."""
         chosen = {}
         for m in self.methods:
-            scores = [self.val_score(rows, m, self.first_variant(m), lr) for lr in self.lrs]
+            lrs = self.method_lrs(rows, m)
+            scores = [self.val_score(rows, m, self.first_variant(m), lr) for lr in lrs]
             if all(s is not None for s in scores):
-                chosen[m] = self.lrs[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+                chosen[m] = lrs[max(range(len(scores)), key=lambda i: (scores[i], -i))]
         return chosen
 
     def choose_variants(self, rows: Rows, lrs: dict[str, float]) -> dict[str, dict[int | None, Variant]]:
@@ -199,7 +227,7 @@ class StudyGrid:
         Returns:
             (runs, whether every choice is made).
         """
-        a = self.phase_a()
+        a = self.phase_a(rows)
         lrs = self.choose_lrs(rows)
         final = len(lrs) == len(self.methods)
         lrs_or = {m: lrs.get(m, self.lrs[len(self.lrs) // 2]) for m in self.methods}

@@ -53,7 +53,7 @@ def summarize(grid: StudyGrid, rows: Rows) -> dict[str, Any]:
     lr_table = [{"method": m, "variant": grid.first_variant(m).tag, "lr": lr,
                  "val_top1": _val_top1(grid, rows, m, grid.first_variant(m), lr),
                  "mean": grid.val_score(rows, m, grid.first_variant(m), lr), "chosen": lrs.get(m) == lr}
-                for m in grid.methods for lr in grid.lrs]
+                for m in grid.methods for lr in grid.method_lrs(rows, m)]
     chosen = grid.choose_variants(rows, lrs) if len(lrs) == len(grid.methods) else {}
     sparse = [m for m in grid.methods if parse_method(m)[0] in SPARSE]
     variant_table = [{"method": m, **asdict(v), "tag": v.tag, "lr": lrs[m],

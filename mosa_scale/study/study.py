@@ -103,7 +103,12 @@ class Study:
         log.info("study in %s: %d of about %d runs already done", self.out, sum(r.id in self.rows for r in runs),
                  len(runs))
         g = self.grid
-        self._execute(g.phase_a(), "A")
+        runs = g.phase_a(self.rows.rows)
+        while True:
+            self._execute(runs, "A")
+            runs = g.phase_a(self.rows.rows)  # a rate added where the best one sat at the grid's edge
+            if all(r.id in self.rows for r in runs):
+                break
         lrs = g.choose_lrs(self.rows.rows)
         log.info("phase A chose the learning rates %s", ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()))
         self._execute(g.phase_b(lrs), "B")

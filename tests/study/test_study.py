@@ -57,7 +57,7 @@ def _val_rows(g: StudyGrid, scores: dict[tuple[str, Variant, float, str], float]
 
 
 def test_choices_are_joint_over_tasks_and_ties_go_to_grid_order():
-    g = StudyGrid(methods=("adapter", "mosa-skip", "mosa-coast"), lrs=(1e-3, 5e-3), experts=(2, 4),
+    g = StudyGrid(methods=("adapter", "mosa-skip", "mosa-coast"), lrs=(1e-3, 5e-3), extend_lrs=0, experts=(2, 4),
                   shares=("down",), consistency=(False, True))
     f, d, base = "fmnist_5-9", "digits", Variant(4, "down", False)
     rows = _val_rows(g, {
@@ -91,6 +91,29 @@ def test_choices_are_joint_over_tasks_and_ties_go_to_grid_order():
                        ("mosa-skip", "n4-down-c1", 1e-3, "best at N 4"), ("mosa-coast", "n4-down-c1", 5e-3, "best")]
     runs, final = g.plan(rows)
     assert final and len([r for r in runs if r.phase == "C"]) == 4 * 3 * 3 * 2
+
+
+def test_a_rate_at_the_grid_edge_is_bracketed_by_one_more_run():
+    g = StudyGrid(tasks=("digits",), methods=("adapter", "lora"), lrs=(1e-3, 5e-3, 2e-2), extend_lrs=2)
+    d = "digits"
+    rows = _val_rows(g, {("adapter", DENSE, 1e-3, d): 0.80, ("adapter", DENSE, 5e-3, d): 0.85,
+                         ("adapter", DENSE, 2e-2, d): 0.90,  # best at the top: try 8e-2
+                         ("lora", DENSE, 1e-3, d): 0.90, ("lora", DENSE, 5e-3, d): 0.85,
+                         ("lora", DENSE, 2e-2, d): 0.80})  # best at the bottom: try 2e-4
+    assert g.method_lrs(rows, "adapter") == [1e-3, 5e-3, 2e-2, 0.08]
+    assert g.method_lrs(rows, "lora") == [2e-4, 1e-3, 5e-3, 2e-2]
+    missing = [r.id for r in g.phase_a(rows) if r.id not in rows]
+    assert missing == ["digits:adapter:dense:lr0.08:1250:s0:val", "digits:lora:dense:lr0.0002:1250:s0:val"]
+    assert g.choose_lrs(rows) == {}  # not before the bracket is in
+    rows.update(_val_rows(g, {("adapter", DENSE, 0.08, d): 0.88, ("lora", DENSE, 2e-4, d): 0.95}))
+    assert g.method_lrs(rows, "adapter") == [1e-3, 5e-3, 2e-2, 0.08]  # bracketed: done
+    assert g.method_lrs(rows, "lora") == [4e-5, 2e-4, 1e-3, 5e-3, 2e-2]  # still at the edge: once more
+    rows.update(_val_rows(g, {("lora", DENSE, 4e-5, d): 0.96}))
+    assert g.method_lrs(rows, "lora")[0] == 4e-5  # at the limit of 2 extensions
+    assert g.choose_lrs(rows) == {"adapter": 2e-2, "lora": 4e-5}
+    assert StudyGrid(lrs=(5e-3,)).method_lrs({}, "adapter") == [5e-3]
+    with pytest.raises(ConfigError, match="increasing order"):
+        StudyGrid(lrs=(5e-3, 1e-3))
 
 
 def test_report_pairs_gains_by_seed(tmp_path):
@@ -182,7 +205,7 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end to end
 MINI = ["--tasks", "digits", "--methods", "mosa-coast", "--lrs", "0.005", "--select-steps", "60", "--final-steps", "80",
-        "--seeds", "0", "--experts", "4", "--shares", "down", "--consistency", "off", "--pretrain-epochs", "1",
+        "--final-seeds", "0", "--experts", "4", "--shares", "down", "--consistency", "off", "--pretrain-epochs", "1",
         "--pretrain-samples", "512"]
 
 
