@@ -115,8 +115,10 @@ def _markdown(grid: StudyGrid, settings: dict[str, Any], tower: dict[str, Any], 
             f"{grid.select_steps} steps), jointly over the tasks (mean validation top-1); final runs train on all "
             f"labels and read the test split once; seeds {', '.join(map(str, grid.final_seeds))}.", "",
             "## Final results (test top-1 %, mean ± std over seeds)", ""]
+    if not s["final_configs"]:
+        out += ["None yet: the final configurations are known once phases A and B are done.", ""]
     seeds = len(grid.final_seeds)
-    for t in [*tasks, "mean over tasks"] if len(tasks) > 1 else tasks:
+    for t in ([*tasks, "mean over tasks"] if len(tasks) > 1 else tasks) if s["final_configs"] else []:
         lines = []
         for c in s["final_configs"]:
             cells = []
