@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 import torch.distributed as dist
@@ -19,6 +18,7 @@ from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config import ConfigError
 from mosa_scale.config.run import load_run_config
 from mosa_scale.data import DataError
+from mosa_scale.engine.deepspeed_engine import world_from_env
 from mosa_scale.loop.rundir import RunDirError
 from mosa_scale.loop.trainer import Trainer
 
@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 adapter.share=up")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank, world, _ = world_from_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
     try:  # validated before any process group or model exists
-        cfg = load_run_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        cfg = load_run_config(args.config, args.overrides, world_size=world)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2

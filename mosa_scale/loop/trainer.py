@@ -40,6 +40,7 @@ from mosa_scale.model.assembly import build_model
 from mosa_scale.model.flops import peak_flops, step_flops, throughput_metrics
 from mosa_scale.optim import MoSAAdamW, sparse_layers, warmup_cosine
 from mosa_scale.sparse import Router
+from mosa_scale.sparse.routing import PROBE_PASS
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class Trainer:
             total += float(valid.sum())
             if i == 0:
                 self.engine.module.train()
-                with torch.random.fork_rng(), self.router.use(self.router.plan(self.step, 0, 7)[self.rank]):
+                with torch.random.fork_rng(), self.router.use(self.router.plan(self.step, 0, PROBE_PASS)[self.rank]):
                     stochastic = self.engine(x)
                 self.engine.module.eval()
                 gap = float((stochastic.float().softmax(-1) - logits.float().softmax(-1)).abs().sum(-1).mean())

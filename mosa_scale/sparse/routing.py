@@ -23,6 +23,9 @@ import torch.utils.checkpoint
 from mosa_scale.sparse.partition import stable_seed
 
 SliceKey = tuple[int, int]  # (route id, expert)
+# the pass index of the evaluation's one stochastic probe: training uses passes 0 and 1 (the
+# consistency pass), so the probe's routing plan is never one a training forward used
+PROBE_PASS = 7
 
 
 @dataclass(frozen=True)
