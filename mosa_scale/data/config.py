@@ -21,7 +21,8 @@ class DataConfig:
     directory first. Training augmentation is RandomResizedCrop(``crop_scale``, ``crop_ratio``)
     plus an optional flip; ``crop_scale: [1, 1]`` and ``crop_ratio: [1, 1]`` give a plain resize
     (VTAB-1k, position-sensitive tasks). Samples with an unreadable image or a label outside
-    [0, num_classes) are skipped and counted; more than ``max_skip_rate`` of them stops the run.
+    [0, num_classes) are skipped and counted; more than ``max_skip_rate`` of them stops the run
+    (judged at epoch ends and at log steps).
     Shards a present index.json does not list are refused unless ``allow_unindexed``."""
 
     train: str = "builtin:digits"

@@ -141,7 +141,7 @@ class Trainer:
     def _check_losses(self, valid: float, corrupt: float, missing: float, *, judge: bool) -> None:
         """Stops the run (every rank alike: the counts are all ranks' sums) when the share of lost
         samples passes ``data.max_skip_rate``; early in a run a few bad samples are a large share,
-        so it is judged at epoch ends (``judge``) and once 10 global batches were read."""
+        so it is judged at epoch ends (``judge``), and at log steps once 10 global batches were read."""
         lost, limit = corrupt + missing, self.cfg.data.max_skip_rate
         if (judge or valid + lost >= 10 * self.cfg.train.global_batch) and lost > limit * (valid + lost):
             raise DataError(f"{lost:.0f} of {valid + lost:.0f} samples read so far were lost ({corrupt:.0f} corrupt "
@@ -181,8 +181,10 @@ class Trainer:
             capture.remove()
         return loss, {k: float(v) for k, v in parts.items()}
 
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step: ``gas`` micro-batches, each forward (one or two passes) and backward."""
+    def train_step(self, batches: Iterator[dict[str, Any]], *, log: bool = True) -> dict[str, float]:
+        """One optimizer step: ``gas`` micro-batches, each forward (one or two passes) and backward.
+        The metrics that need all ranks' counts (data skips, and the skip-rate check on them) are
+        gathered only when ``log`` is set: one all-reduce per logged step, none otherwise."""
         window = self.router.begin_step(self.step, micro_batches=self.gas, passes=self.passes)
         t0, data_time, sums, bad = time.perf_counter(), 0.0, {}, False
         for micro in range(self.gas):
@@ -212,6 +214,8 @@ class Trainer:
         for name, layer in self.sparse.items():
             for k in range(layer.num_experts):
                 out[f"experts/{name}/{k}"] = float(counts[layer.route_id, k])
+        if not log:
+            return out
         *totals, valid = all_reduce_sum([*(float(v) for v in self.skipped.values()), float(self.valid)])  # all ranks'
         for k, v in zip(self.skipped, totals):
             out[f"data/skipped_{k}"] = v
@@ -298,10 +302,11 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         self.engine.module.train()
         while self.step < t.steps:
-            stats = self.train_step(batches)
+            log_now = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps
+            stats = self.train_step(batches, log=log_now)
             self.step += 1
             bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if log_now:
                 self.metrics.scalars(self.step, stats)
                 bar.set_postfix(loss=f"{stats['loss/ce']:.4f}", lr=f"{stats['lr']:.2e}")
                 if self.rank == 0:
