@@ -36,9 +36,17 @@ WIDTH, CLASSES, MICRO, R = 64, 10, 32, 64
 
 def tower_config(blocks: int) -> dict:
     """The built-in default's tower (launchers/configs/digits_default.yaml) at another depth."""
-    return dict(hidden_size=WIDTH, num_hidden_layers=blocks, num_attention_heads=4, intermediate_size=2 * WIDTH,
-                image_size=16, patch_size=4, initializer_range=0.3, hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0)
+    return dict(
+        hidden_size=WIDTH,
+        num_hidden_layers=blocks,
+        num_attention_heads=4,
+        intermediate_size=2 * WIDTH,
+        image_size=16,
+        patch_size=4,
+        initializer_range=0.3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def build(stage: int, blocks: int, experts: int, rank: int, world: int):
@@ -54,18 +62,36 @@ def build(stage: int, blocks: int, experts: int, rank: int, world: int):
     torch.manual_seed(0)
     bb = build_backbone(BackboneConfig(family="hf-vit", pooling="mean", hf_config=tower_config(blocks)))
     router = Router(0, "rank", rank, world)
-    inject_adapters(bb.model, bb.sites, AdapterConfig(method="parallel", bottleneck=R, num_experts=experts,
-                                                      share="down", seed=0), router=router, width=WIDTH)
-    model = AdaptedClassifier(bb.model, build_head("linear", bb.width, CLASSES,
-                                                   generator=torch.Generator().manual_seed(0)))
+    inject_adapters(
+        bb.model,
+        bb.sites,
+        AdapterConfig(method="parallel", bottleneck=R, num_experts=experts, share="down", seed=0),
+        router=router,
+        width=WIDTH,
+    )
+    model = AdaptedClassifier(
+        bb.model, build_head("linear", bb.width, CLASSES, generator=torch.Generator().manual_seed(0))
+    )
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-3, eps=1e-6)
-    ds = {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
-          "gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9, "zero_optimization": {"stage": stage}}
+    ds = {
+        "train_batch_size": MICRO * world,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": stage},
+    }
     engine = initialize(model, opt, None, ds)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if stage != 3 else None
-    return {"engine": engine, "router": router, "opt": opt, "experts": experts, "trainable": trainable,
-            "image": bb.image.size}
+    return {
+        "engine": engine,
+        "router": router,
+        "opt": opt,
+        "experts": experts,
+        "trainable": trainable,
+        "image": bb.image.size,
+    }
 
 
 def one_step(v: dict, step: int, rank: int) -> None:
@@ -85,8 +111,12 @@ def one_step(v: dict, step: int, rank: int) -> None:
 def state_bytes(v: dict) -> int:
     inner = v["engine"].optimizer
     inner = getattr(inner, "optimizer", inner)
-    return sum(t.numel() * t.element_size() for st in inner.state.values() for k, t in st.items()
-               if k in ("exp_avg", "exp_avg_sq"))
+    return sum(
+        t.numel() * t.element_size()
+        for st in inner.state.values()
+        for k, t in st.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -108,7 +138,7 @@ def worker(args: argparse.Namespace) -> None:
             per_step = {n: [] for n in variants}
             times = {n: [] for n in variants}
             for i in range(args.steps + args.rounds):
-                order = variants[i % len(variants):] + variants[:i % len(variants)]  # rotate every round
+                order = variants[i % len(variants) :] + variants[: i % len(variants)]  # rotate every round
                 for n in order:
                     dist.barrier()
                     with CollectiveCounter() as comm:
@@ -121,22 +151,42 @@ def worker(args: argparse.Namespace) -> None:
                         times[n].append(dt)
             for n, v in vs.items():
                 snaps = per_step[n]
-                rows.append({"stage": stage, "blocks": blocks, "experts": n, "rank": rank,
-                             "param_groups": len(v["opt"].param_groups),
-                             "calls_per_step": snaps[-1]["total_calls"], "bytes_per_step": snaps[-1]["total_bytes"],
-                             "calls_steady": len({s["total_calls"] for s in snaps}) == 1,
-                             "calls_by_kind": snaps[-1]["calls"],
-                             "step_ms_median": 1e3 * statistics.median(times[n]) if times[n] else None,
-                             "optimizer_state_bytes": state_bytes(v), "trainable": v["trainable"]})
+                rows.append(
+                    {
+                        "stage": stage,
+                        "blocks": blocks,
+                        "experts": n,
+                        "rank": rank,
+                        "param_groups": len(v["opt"].param_groups),
+                        "calls_per_step": snaps[-1]["total_calls"],
+                        "bytes_per_step": snaps[-1]["total_bytes"],
+                        "calls_steady": len({s["total_calls"] for s in snaps}) == 1,
+                        "calls_by_kind": snaps[-1]["calls"],
+                        "step_ms_median": 1e3 * statistics.median(times[n]) if times[n] else None,
+                        "optimizer_state_bytes": state_bytes(v),
+                        "trainable": v["trainable"],
+                    }
+                )
             del vs
     (Path(args.out_dir) / f"rank{rank}.json").write_text(json.dumps(rows))
 
 
 def summarise(rows: list[dict], args: argparse.Namespace) -> dict:
-    out: dict = {"bench": "collectives", "world_size": 2, "backend": "gloo (CPU)", "width": WIDTH, "bottleneck": R,
-                 "share": "down", "micro_batch": MICRO, "counted_steps": args.steps, "timed_rounds": args.rounds,
-                 "calls_ratio_mosa_vs_dense": {}, "bytes_ratio_mosa_vs_dense": {},
-                 "optimizer_state_bytes_ratio_mosa_vs_dense": {}, "optimizer_state_bytes_ratio_contract": {}}
+    out: dict = {
+        "bench": "collectives",
+        "world_size": 2,
+        "backend": "gloo (CPU)",
+        "width": WIDTH,
+        "bottleneck": R,
+        "share": "down",
+        "micro_batch": MICRO,
+        "counted_steps": args.steps,
+        "timed_rounds": args.rounds,
+        "calls_ratio_mosa_vs_dense": {},
+        "bytes_ratio_mosa_vs_dense": {},
+        "optimizer_state_bytes_ratio_mosa_vs_dense": {},
+        "optimizer_state_bytes_ratio_contract": {},
+    }
     key = {(r["stage"], r["blocks"], r["experts"], r["rank"]): r for r in rows}
     for stage in args.stages:
         calls, nbytes, state, contract = [], [], [], []
@@ -183,13 +233,33 @@ def main() -> None:
     with socket.socket() as sock:  # a free port for this launch
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
-               str(Path(__file__).resolve()), "--worker", "--out-dir", tmp,
-               "--stages", ",".join(map(str, args.stages)), "--blocks", ",".join(map(str, args.blocks)),
-               "--experts", ",".join(map(str, args.experts)), "--steps", str(args.steps), "--rounds", str(args.rounds)]
+        cmd = [
+            str(Path(sys.executable).with_name("deepspeed")),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--out-dir",
+            tmp,
+            "--stages",
+            ",".join(map(str, args.stages)),
+            "--blocks",
+            ",".join(map(str, args.blocks)),
+            "--experts",
+            ",".join(map(str, args.experts)),
+            "--steps",
+            str(args.steps),
+            "--rounds",
+            str(args.rounds),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -26,9 +26,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def measure(shards: str, *, workers: int, args: argparse.Namespace) -> dict:
-    loader = build_loader(shards, image_size=args.image_size, mean=CLIP_MEAN, std=CLIP_STD,
-                          train=True, batch_size=args.batch_size, rank=0, world_size=1,
-                          num_workers=workers, seed=0, epoch=0)
+    loader = build_loader(
+        shards,
+        image_size=args.image_size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        train=True,
+        batch_size=args.batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=workers,
+        seed=0,
+        epoch=0,
+    )
     start = time.perf_counter()
     first = None
     samples = after_first = 0
@@ -40,10 +50,14 @@ def measure(shards: str, *, workers: int, args: argparse.Namespace) -> dict:
         else:
             after_first += n
     end = time.perf_counter()
-    return {"num_workers": workers, "samples": samples, "seconds": round(end - start, 3),
-            "samples_per_s": round(samples / (end - start), 1),
-            "steady_samples_per_s": round(after_first / (end - first), 1),
-            "first_batch_s": round(first - start, 3)}
+    return {
+        "num_workers": workers,
+        "samples": samples,
+        "seconds": round(end - start, 3),
+        "samples_per_s": round(samples / (end - start), 1),
+        "steady_samples_per_s": round(after_first / (end - first), 1),
+        "first_batch_s": round(first - start, 3),
+    }
 
 
 def main() -> None:
@@ -53,15 +67,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--source-size", type=int, default=256, help="side of stored JPEGs")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="epochs per worker count; the best is reported (shared CPUs)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="epochs per worker count; the best is reported (shared CPUs)"
+    )
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         source = arrays_source(load_digits_images(), size=args.source_size, image_format="JPEG")
         start = time.perf_counter()
-        index = make_shards(source, tmp, samples_per_shard=max(1, args.samples // 8),
-                            limit=args.samples, progress=False)
+        index = make_shards(
+            source, tmp, samples_per_shard=max(1, args.samples // 8), limit=args.samples, progress=False
+        )
         write_s = time.perf_counter() - start
         split = index["splits"]["train"]
         results = []
@@ -70,14 +86,25 @@ def main() -> None:
             best = max(runs, key=lambda r: r["samples_per_s"])
             best["all_samples_per_s"] = [r["samples_per_s"] for r in runs]
             results.append(best)
-    print(json.dumps({
-        "bench": "data_throughput", "mode": "train (decode+RandomResizedCrop+flip+normalise)",
-        "source": f"sklearn digits upscaled to {args.source_size}px JPEG q90",
-        "image_size": args.image_size, "batch_size": args.batch_size,
-        "shards": len(split["shards"]), "shard_mb": round(sum(split["bytes"]) / 2 ** 20, 2),
-        "write_samples_per_s": round(split["num_samples"] / write_s, 1),
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "results": results}, indent=1))
+    print(
+        json.dumps(
+            {
+                "bench": "data_throughput",
+                "mode": "train (decode+RandomResizedCrop+flip+normalise)",
+                "source": f"sklearn digits upscaled to {args.source_size}px JPEG q90",
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "shards": len(split["shards"]),
+                "shard_mb": round(sum(split["bytes"]) / 2**20, 2),
+                "write_samples_per_s": round(split["num_samples"] / write_s, 1),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+                "results": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

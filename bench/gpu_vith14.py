@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_OPENCLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
-                                                 "head_width": 16}}
+TINY_OPENCLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
+}
 
 
 def free_port() -> int:
@@ -52,19 +54,34 @@ def run_variant(args: argparse.Namespace) -> dict:
     init_distributed()  # one rank
     dev = torch.device(args.device)
     t_build = time.perf_counter()
-    tower = (BackboneConfig(family="openclip", name="tiny", openclip_cfg=TINY_OPENCLIP, precision=args.precision)
-             if args.tiny else BackboneConfig(family="openclip", name="ViT-H-14", precision=args.precision))
+    tower = (
+        BackboneConfig(family="openclip", name="tiny", openclip_cfg=TINY_OPENCLIP, precision=args.precision)
+        if args.tiny
+        else BackboneConfig(family="openclip", name="ViT-H-14", precision=args.precision)
+    )
     torch.manual_seed(0)
     bb = build_backbone(tower, device=dev)
     router = Router(0)
     width = int(bb.model.visual.transformer.width)
     experts = args.experts if args.variant == "mosa" else 1
-    inject_adapters(bb.model, bb.sites, AdapterConfig(method="parallel", bottleneck=64, num_experts=experts,
-                                                      share="down", seed=0), router=router, width=width)
-    model = AdaptedClassifier(bb.model, build_head("linear", bb.width, args.classes,
-                                                   generator=torch.Generator().manual_seed(0))).to(dev)
-    run_cfg = RunConfig(train=TrainConfig(global_batch=args.batch, micro_batch=args.batch, precision=args.precision,
-                                          zero_config="ds_configs/zero2.json"))
+    inject_adapters(
+        bb.model,
+        bb.sites,
+        AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down", seed=0),
+        router=router,
+        width=width,
+    )
+    model = AdaptedClassifier(
+        bb.model, build_head("linear", bb.width, args.classes, generator=torch.Generator().manual_seed(0))
+    ).to(dev)
+    run_cfg = RunConfig(
+        train=TrainConfig(
+            global_batch=args.batch,
+            micro_batch=args.batch,
+            precision=args.precision,
+            zero_config="ds_configs/zero2.json",
+        )
+    )
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-3, eps=1e-6)
     flops = step_flops(model, bb, image_size=bb.image.size, global_batch=args.batch, consistency=args.consistency)
     engine = initialize(model, opt, None, deepspeed_config(run_cfg, 1))
@@ -92,8 +109,10 @@ def run_variant(args: argparse.Namespace) -> dict:
             with router.forward_pass(0, 1):
                 logits2 = engine(x)
             p1, p2 = logits.float().log_softmax(-1), logits2.float().log_softmax(-1)
-            loss = loss + 0.5 * (F.kl_div(p1, p2.detach(), log_target=True, reduction="batchmean")
-                                 + F.kl_div(p2, p1.detach(), log_target=True, reduction="batchmean"))
+            loss = loss + 0.5 * (
+                F.kl_div(p1, p2.detach(), log_target=True, reduction="batchmean")
+                + F.kl_div(p2, p1.detach(), log_target=True, reduction="batchmean")
+            )
         engine.backward(loss)
         engine.step()
         sync()
@@ -103,14 +122,26 @@ def run_variant(args: argparse.Namespace) -> dict:
     peak = peak_flops(engine.device if cuda else None, args.precision)
     per_s = flops["per_step"] / step_s
     return {
-        "variant": args.variant, "experts": experts, "build_s": build_s, "step_s_median": step_s,
-        "step_s_all": times, "samples_per_s": args.batch / step_s, "tflops_per_s": per_s / 1e12,
-        "mfu": None if peak is None else per_s / peak, "peak_flops": peak, "flops_per_sample": flops["per_sample"],
-        "trainable_params": flops["trainable_params"], "param_groups": len(opt.param_groups),
-        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda else
-                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "variant": args.variant,
+        "experts": experts,
+        "build_s": build_s,
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "samples_per_s": args.batch / step_s,
+        "tflops_per_s": per_s / 1e12,
+        "mfu": None if peak is None else per_s / peak,
+        "peak_flops": peak,
+        "flops_per_sample": flops["per_sample"],
+        "trainable_params": flops["trainable_params"],
+        "param_groups": len(opt.param_groups),
+        "peak_memory_mb": (
+            torch.cuda.max_memory_allocated() / 2**20
+            if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
         "peak_memory_source": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss (process)",
-        "device_name": torch.cuda.get_device_name() if cuda else "cpu", "final_loss": float(loss.detach()),
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "final_loss": float(loss.detach()),
     }
 
 
@@ -134,28 +165,54 @@ def main() -> None:
     if args.variant:  # child process: one variant
         Path(args.json_out).write_text(json.dumps(run_variant(args)))
         return
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     results, t0 = {}, time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("dense", "mosa"):
             out = Path(tmp) / f"{variant}.json"
             cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--json-out", str(out)]
-            proc = subprocess.run(cmd, cwd=REPO, env={**env, "MASTER_PORT": str(free_port())}, capture_output=True,
-                                  text=True, timeout=args.timeout)
+            proc = subprocess.run(
+                cmd,
+                cwd=REPO,
+                env={**env, "MASTER_PORT": str(free_port())},
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
             if proc.returncode != 0:
                 sys.exit(f"{variant} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             results[variant] = json.loads(out.read_text())
     d, m = results["dense"], results["mosa"]
-    print(json.dumps({
-        "bench": "gpu_vith14", "model": "OpenCLIP tiny" if args.tiny else "OpenCLIP ViT-H-14 (random init)",
-        "device": d["device_name"], "precision": args.precision, "zero_stage": 2, "batch": args.batch,
-        "image_size": 32 if args.tiny else 224, "adapter": "parallel r64 share=down", "experts": args.experts,
-        "consistency": args.consistency, "timed_steps": args.steps, "wall_s": time.time() - t0,
-        "step_time_ratio_mosa_vs_dense": m["step_s_median"] / d["step_s_median"],
-        "samples_per_s_ratio_mosa_vs_dense": m["samples_per_s"] / d["samples_per_s"],
-        "peak_memory_ratio_mosa_vs_dense": m["peak_memory_mb"] / d["peak_memory_mb"],
-        "variants": results}, indent=1))
+    print(
+        json.dumps(
+            {
+                "bench": "gpu_vith14",
+                "model": "OpenCLIP tiny" if args.tiny else "OpenCLIP ViT-H-14 (random init)",
+                "device": d["device_name"],
+                "precision": args.precision,
+                "zero_stage": 2,
+                "batch": args.batch,
+                "image_size": 32 if args.tiny else 224,
+                "adapter": "parallel r64 share=down",
+                "experts": args.experts,
+                "consistency": args.consistency,
+                "timed_steps": args.steps,
+                "wall_s": time.time() - t0,
+                "step_time_ratio_mosa_vs_dense": m["step_s_median"] / d["step_s_median"],
+                "samples_per_s_ratio_mosa_vs_dense": m["samples_per_s"] / d["samples_per_s"],
+                "peak_memory_ratio_mosa_vs_dense": m["peak_memory_mb"] / d["peak_memory_mb"],
+                "variants": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,16 @@ def run_config(args: argparse.Namespace, pretrained: str | None):
     from mosa_scale.backbones import BackboneConfig
     from mosa_scale.config.run import DataConfig, RunConfig, TrainConfig
 
-    return RunConfig(model=BackboneConfig(family="openclip", name=args.model, precision="bf16",
-                                          image_size=args.image_size, pretrained=pretrained),
-                     adapter=AdapterConfig(method="parallel", bottleneck=64, num_experts=4, share="down"),
-                     data=DataConfig(image_size=args.image_size),
-                     train=TrainConfig(micro_batch=args.micro, global_batch=2 * args.micro, precision="fp32",
-                                       zero_config="ds_configs/zero3.json"))
+    return RunConfig(
+        model=BackboneConfig(
+            family="openclip", name=args.model, precision="bf16", image_size=args.image_size, pretrained=pretrained
+        ),
+        adapter=AdapterConfig(method="parallel", bottleneck=64, num_experts=4, share="down"),
+        data=DataConfig(image_size=args.image_size),
+        train=TrainConfig(
+            micro_batch=args.micro, global_batch=2 * args.micro, precision="fp32", zero_config="ds_configs/zero3.json"
+        ),
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -100,8 +104,9 @@ def worker(args: argparse.Namespace) -> None:
     out["load_s"] = backbone.loaded["seconds"] if backbone.loaded else None
     out["bytes_read"] = backbone.loaded["bytes_read"] if backbone.loaded else None
     out["build_peak_rss"], out["after_build_rss"] = rss()["VmHWM"], new_peak()
-    out["tower_partition_bytes"] = sum(p.ds_tensor.numel() * p.ds_tensor.element_size()
-                                       for p in model.parameters() if hasattr(p, "ds_tensor"))
+    out["tower_partition_bytes"] = sum(
+        p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters() if hasattr(p, "ds_tensor")
+    )
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-3, eps=1e-6)
     t0 = time.perf_counter()
     engine = initialize(model, opt, None, ds)
@@ -159,8 +164,15 @@ def write_checkpoint(args: argparse.Namespace) -> None:
         size += t.numel() * 2
     flush()
     (d / "open_clip_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    print(json.dumps({"write_s": time.perf_counter() - t0, "files": files,
-                      "bytes": sum(f.stat().st_size for f in d.glob("*.safetensors"))}))
+    print(
+        json.dumps(
+            {
+                "write_s": time.perf_counter() - t0,
+                "files": files,
+                "bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
+            }
+        )
+    )
 
 
 def matmul_gflops(width: int, tokens: int) -> float:
@@ -181,21 +193,30 @@ def predictions(args: argparse.Namespace, gflops: float, allgather_gbs: float) -
     from mosa_scale.plan import Hardware, plan_run
 
     cfg = run_config(args, None)
-    hw = Hardware(name="cpu", memory_gib=1e6, peak_tflops=gflops / 1e3, mfu=1.0, intra_node_gbs=allgather_gbs,
-                  gpus_per_node=2, overhead_gib=0.0)
+    hw = Hardware(
+        name="cpu",
+        memory_gib=1e6,
+        peak_tflops=gflops / 1e3,
+        mfu=1.0,
+        intra_node_gbs=allgather_gbs,
+        gpus_per_node=2,
+        overhead_gib=0.0,
+    )
     p = plan_run(cfg, world_size=2, hardware=hw, num_classes=args.classes, stages=(2, 3))
     s3, s2 = p["stages"]["3"], p["stages"]["2"]
     skeleton = build_backbone(cfg.model, meta=True)
     largest = max(t.numel() for t in skeleton.model.parameters())
     tower = s3["memory_bytes"]["tower"]
     return {
-        "tower_params": p["tower_params"], "trainable_params": p["trainable_params"],
+        "tower_params": p["tower_params"],
+        "trainable_params": p["trainable_params"],
         # construction: the partition, plus the largest parameter whole (created in fp32, cast to bf16)
         "build_bytes": tower + largest * (4 + 2),
         # loading: the partition, plus this rank's rows of the largest tensor as read
         "load_bytes": tower + math.ceil(largest / 2) * 2,
         "step_bytes": s3["memory_bytes"]["total"],
-        "step_s": s3["time_s"]["step"], "step_compute_s": s3["time_s"]["compute"],
+        "step_s": s3["time_s"]["step"],
+        "step_compute_s": s3["time_s"]["compute"],
         "step_communication_s": s3["time_s"]["communication"],
         "tower_gather_bytes_per_step": s3["communication"]["tower_gather_bytes"],
         "replicated_tower_bytes_per_rank": s2["memory_bytes"]["tower"],
@@ -208,11 +229,32 @@ def launch(args: argparse.Namespace, part: str, out: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed) if deepspeed.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", port,
-           __file__, "--worker", part, "--out", out, "--ckpt", args.ckpt, "--model", args.model,
-           "--image-size", str(args.image_size), "--micro", str(args.micro)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        str(deepspeed) if deepspeed.is_file() else "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        port,
+        __file__,
+        "--worker",
+        part,
+        "--out",
+        out,
+        "--ckpt",
+        args.ckpt,
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--micro",
+        str(args.micro),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{part}: deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -249,16 +291,39 @@ def main() -> None:
         sk = build_backbone(BackboneConfig(family="openclip", name=args.model), meta=True)
         width = stream_width(sk.model, sk.sites[0])
         gflops = matmul_gflops(width, args.micro * ((args.image_size // 14) ** 2 + 1))
-        result: dict = {"bench": "huge_tower", "model": args.model, "tower_dtype": "bf16", "ranks": 2,
-                        "image_size": args.image_size, "micro_batch": args.micro, "adapter": "parallel r64 N4",
-                        "zero_config": "ds_configs/zero3.json", "matmul_gflops_per_rank": gflops}
+        result: dict = {
+            "bench": "huge_tower",
+            "model": args.model,
+            "tower_dtype": "bf16",
+            "ranks": 2,
+            "image_size": args.image_size,
+            "micro_batch": args.micro,
+            "adapter": "parallel r64 N4",
+            "zero_config": "ds_configs/zero3.json",
+            "matmul_gflops_per_rank": gflops,
+        }
         parts = args.parts.split(",")
         if "pretrained" in parts:
-            proc = subprocess.run([sys.executable, __file__, "--worker", "write", "--ckpt", args.ckpt, "--model",
-                                   args.model, "--image-size", str(args.image_size), "--shard-gb", str(args.shard_gb)],
-                                  cwd=REPO, capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                      [str(REPO), os.environ.get("PYTHONPATH", "")])))
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "write",
+                    "--ckpt",
+                    args.ckpt,
+                    "--model",
+                    args.model,
+                    "--image-size",
+                    str(args.image_size),
+                    "--shard-gb",
+                    str(args.shard_gb),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])),
+            )
             if proc.returncode != 0:
                 sys.exit(f"checkpoint writer failed:\n{proc.stderr[-3000:]}")
             result["checkpoint"] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -273,23 +338,33 @@ def main() -> None:
             per_rank = []
             for r in rs:
                 base = r["baseline_rss"]
-                per_rank.append({
-                    "rank": r["rank"], "startup_rss_gb": base / GB,
-                    "build_peak_rss_gb": r["build_peak_rss"] / GB,
-                    # construction (random init) then, for the pretrained part, loading
-                    "build_peak_rss_gb_predicted": (base + max(pred["build_bytes"], pred["load_bytes"])) / GB,
-                    "initialize_peak_rss_gb": r["initialize_peak_rss"] / GB,
-                    "step_peak_rss_gb": r["step_peak_rss"] / GB,
-                    "step_peak_rss_gb_predicted": (base + pred["step_bytes"]) / GB,
-                    "tower_partition_gb": r["tower_partition_bytes"] / GB,
-                    "build_s": r["build_s"], "load_s": r["load_s"], "bytes_read_gb": (r["bytes_read"] or 0) / GB,
-                    "initialize_s": r["initialize_s"], "step_s": r["step_s"], "step_s_predicted": pred["step_s"],
-                    "loss": r["loss"], "allgather_gbs": r["allgather_gbs"]})
+                per_rank.append(
+                    {
+                        "rank": r["rank"],
+                        "startup_rss_gb": base / GB,
+                        "build_peak_rss_gb": r["build_peak_rss"] / GB,
+                        # construction (random init) then, for the pretrained part, loading
+                        "build_peak_rss_gb_predicted": (base + max(pred["build_bytes"], pred["load_bytes"])) / GB,
+                        "initialize_peak_rss_gb": r["initialize_peak_rss"] / GB,
+                        "step_peak_rss_gb": r["step_peak_rss"] / GB,
+                        "step_peak_rss_gb_predicted": (base + pred["step_bytes"]) / GB,
+                        "tower_partition_gb": r["tower_partition_bytes"] / GB,
+                        "build_s": r["build_s"],
+                        "load_s": r["load_s"],
+                        "bytes_read_gb": (r["bytes_read"] or 0) / GB,
+                        "initialize_s": r["initialize_s"],
+                        "step_s": r["step_s"],
+                        "step_s_predicted": pred["step_s"],
+                        "loss": r["loss"],
+                        "allgather_gbs": r["allgather_gbs"],
+                    }
+                )
             result[part] = per_rank
         budget = pred["tower_params"] * 2 / 2 / GB + 1.5
         result["budget_gb_per_rank"] = budget
-        result["within_budget"] = all(r["step_peak_rss_gb"] <= budget and r["build_peak_rss_gb"] <= budget
-                                      for p in parts for r in result[p])
+        result["within_budget"] = all(
+            r["step_peak_rss_gb"] <= budget and r["build_peak_rss_gb"] <= budget for p in parts for r in result[p]
+        )
         print(json.dumps(result, indent=1))
     finally:
         if not args.keep_ckpt:

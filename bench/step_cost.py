@@ -39,9 +39,20 @@ from mosa_scale.optim import MoSAAdamW, sparse_layers
 from mosa_scale.sparse import Router, SparseExpertLinear
 from mosa_scale.sparse.routing import Window
 
-CPU_TOWER = BackboneConfig(family="hf-vit", pooling="mean", hf_config=dict(
-    hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024, image_size=64,
-    patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+CPU_TOWER = BackboneConfig(
+    family="hf-vit",
+    pooling="mean",
+    hf_config=dict(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        image_size=64,
+        patch_size=8,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
+)
 GPU_TOWER = BackboneConfig(family="openclip", name="ViT-H-14", precision="bf16")
 CLASSES, LR, WD = 100, 1e-3, 0.01
 
@@ -79,8 +90,9 @@ def build(tower: BackboneConfig, experts: int, *, seed: int, device: torch.devic
     width = int(bb.model.get_submodule(bb.sites[0].ln2).normalized_shape[0])
     cfg = AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down", seed=seed)
     inject_adapters(bb.model, bb.sites, cfg, router=router, width=width)
-    model = AdaptedClassifier(bb.model, build_head("linear", bb.width, CLASSES,
-                                                   generator=torch.Generator().manual_seed(seed)))
+    model = AdaptedClassifier(
+        bb.model, build_head("linear", bb.width, CLASSES, generator=torch.Generator().manual_seed(seed))
+    )
     copies = []
     if reference:
         for name, layer in sparse_layers(model).items():
@@ -101,8 +113,7 @@ def fixed_window(router: Router, step: int, k: int) -> None:
     choices = torch.full((1, 1, 1, routes), k, dtype=torch.int64)
     counts = torch.zeros((routes, max(router.num_experts, default=1)), dtype=torch.int64)
     counts[:, k] = 1
-    router.window = Window(step=step, choices=choices, counts=counts,
-                           active=frozenset((r, k) for r in range(routes)))
+    router.window = Window(step=step, choices=choices, counts=counts, active=frozenset((r, k) for r in range(routes)))
 
 
 class SavedBytes:
@@ -176,15 +187,23 @@ def main() -> None:
             one_step(v, x, y, step=k, warm_k=k if name != "dense" else 0)
     names = list(variants)
     for i in range(args.steps):
-        for name in names[i % 3:] + names[: i % 3]:  # rotate the order every round
+        for name in names[i % 3 :] + names[: i % 3]:  # rotate the order every round
             r = one_step(variants[name], x, y, step=100 + i, warm_k=None)
             variants[name]["times"].append(r["time"])
             variants[name]["transient"].append(r["transient"])
-    out: dict = {"bench": "step_cost", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-                 platform.processor() or platform.machine(), "tower": tower.name if tower.family == "openclip"
-                 else "hf-vit " + json.dumps(dict(tower.hf_config)), "precision": tower.precision, "batch": batch,
-                 "image_size": size, "experts": args.experts, "bottleneck": 64, "timed_steps": args.steps,
-                 "cpu_threads": torch.get_num_threads(), "variants": {}}
+    out: dict = {
+        "bench": "step_cost",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "tower": tower.name if tower.family == "openclip" else "hf-vit " + json.dumps(dict(tower.hf_config)),
+        "precision": tower.precision,
+        "batch": batch,
+        "image_size": size,
+        "experts": args.experts,
+        "bottleneck": 64,
+        "timed_steps": args.steps,
+        "cpu_threads": torch.get_num_threads(),
+        "variants": {},
+    }
     for name, v in variants.items():
         model = v["model"]
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -193,15 +212,27 @@ def main() -> None:
         opt_b = state_bytes(v["opt"])
         resident = frozen_b + train_b + opt_b
         out["variants"][name] = {
-            "step_ms_median": 1e3 * statistics.median(v["times"]), "step_ms_min": 1e3 * min(v["times"]),
-            "trainable_elements": sum(p.numel() for p in trainable), "trainable_bytes": train_b,
-            "optimizer_state_bytes": opt_b, "frozen_bytes": frozen_b,
-            "peak_mb": (resident + max(v["transient"])) / 2**20, "param_groups": len(v["opt"].param_groups)}
-    out["peak_source"] = ("resident + CUDA allocator peak of the step" if dev.type == "cuda" else
-                          "resident + gradients + tensors saved for backward (CPU estimate)")
+            "step_ms_median": 1e3 * statistics.median(v["times"]),
+            "step_ms_min": 1e3 * min(v["times"]),
+            "trainable_elements": sum(p.numel() for p in trainable),
+            "trainable_bytes": train_b,
+            "optimizer_state_bytes": opt_b,
+            "frozen_bytes": frozen_b,
+            "peak_mb": (resident + max(v["transient"])) / 2**20,
+            "param_groups": len(v["opt"].param_groups),
+        }
+    out["peak_source"] = (
+        "resident + CUDA allocator peak of the step"
+        if dev.type == "cuda"
+        else "resident + gradients + tensors saved for backward (CPU estimate)"
+    )
     d, m, r = (out["variants"][k] for k in ("dense", "mosa", "reference"))
-    for key, col in (("step_time", "step_ms_median"), ("optimizer_state", "optimizer_state_bytes"),
-                     ("trainable", "trainable_elements"), ("peak_memory", "peak_mb")):
+    for key, col in (
+        ("step_time", "step_ms_median"),
+        ("optimizer_state", "optimizer_state_bytes"),
+        ("trainable", "trainable_elements"),
+        ("peak_memory", "peak_mb"),
+    ):
         out[f"{key}_ratio_mosa_vs_dense"] = m[col] / d[col]
         out[f"{key}_ratio_reference_vs_dense"] = r[col] / d[col]
     print(json.dumps(out, indent=1))

@@ -32,8 +32,17 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
-LISTS = {"tasks": str, "methods": str, "lrs": float, "final_steps": int, "final_seeds": int, "experts": int,
-         "shares": str, "lora_shares": str, "consistency": on_off}  # StudyGrid fields, comma-separated
+LISTS = {
+    "tasks": str,
+    "methods": str,
+    "lrs": float,
+    "final_steps": int,
+    "final_seeds": int,
+    "experts": int,
+    "shares": str,
+    "lora_shares": str,
+    "consistency": on_off,
+}  # StudyGrid fields, comma-separated
 GRID_INTS = ("select_steps", "extend_lrs")
 SETTINGS = ("batch", "bottleneck", "labelled", "pretrain_epochs", "pretrain_samples")
 

@@ -31,8 +31,16 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-TOWER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, image_size=32,
-             patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TOWER = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=1024,
+    image_size=32,
+    patch_size=8,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 CLASSES = 100
 
 
@@ -58,15 +66,26 @@ def measure(stage: int, experts: int, micro: int, rank: int, world: int) -> dict
     torch.manual_seed(0)
     bb = build_backbone(BackboneConfig(family="hf-vit", pooling="mean", hf_config=TOWER))
     router = Router(0, "global", rank, world)
-    inject_adapters(bb.model, bb.sites, AdapterConfig(method="parallel", bottleneck=64, num_experts=experts,
-                                                      share="down", seed=0), router=router, width=TOWER["hidden_size"])
+    inject_adapters(
+        bb.model,
+        bb.sites,
+        AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down", seed=0),
+        router=router,
+        width=TOWER["hidden_size"],
+    )
     head = build_head("linear", bb.width, CLASSES, generator=torch.Generator().manual_seed(0))
     model = AdaptedClassifier(bb.model, head)
     trainable_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-3, eps=1e-6)
-    ds = {"train_batch_size": micro * world, "train_micro_batch_size_per_gpu": micro,
-          "gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    ds = {
+        "train_batch_size": micro * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+    }
     engine = initialize(model, opt, None, ds)
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(micro, 3, 32, 32, generator=g), torch.randint(CLASSES, (micro,), generator=g)
@@ -75,8 +94,12 @@ def measure(stage: int, experts: int, micro: int, rank: int, world: int) -> dict
     for k in range(max(experts, 1)):  # expert k everywhere: every slice gets its optimizer state
         counts = torch.zeros((routes, max(router.num_experts, default=1)), dtype=torch.int64)
         counts[:, k] = world
-        router.window = Window(step=k, choices=torch.full((1, 1, world, routes), k, dtype=torch.int64),
-                               counts=counts, active=frozenset((r, k) for r in range(routes)))
+        router.window = Window(
+            step=k,
+            choices=torch.full((1, 1, world, routes), k, dtype=torch.int64),
+            counts=counts,
+            active=frozenset((r, k) for r in range(routes)),
+        )
         with router.forward_pass():
             loss = F.cross_entropy(engine(x), y)
         engine.backward(loss)
@@ -99,13 +122,19 @@ def measure(stage: int, experts: int, micro: int, rank: int, world: int) -> dict
         flat = inner.fp32_partitioned_groups_flat if stage == 3 else inner.single_partition_of_fp32_groups
         master = _tensor_bytes(flat)
         state = _tensor_bytes(list(inner.optimizer.state.values()))
-    out = {"stage": stage, "variant": "dense" if experts == 1 else f"mosa_n{experts}", "rank": rank,
-           "trainable_elements": trainable_elements,
-           "trainable_param_bytes": sum(held(p) for p in params if p.requires_grad),
-           "frozen_param_bytes": sum(held(p) for p in params if not p.requires_grad),
-           "fp32_master_bytes": master, "optimizer_state_bytes": state, "gradient_bytes": grads,
-           "param_groups": len(opt.param_groups)}
-    out["model_state_bytes"] = (out["trainable_param_bytes"] + master + state + grads)
+    out = {
+        "stage": stage,
+        "variant": "dense" if experts == 1 else f"mosa_n{experts}",
+        "rank": rank,
+        "trainable_elements": trainable_elements,
+        "trainable_param_bytes": sum(held(p) for p in params if p.requires_grad),
+        "frozen_param_bytes": sum(held(p) for p in params if not p.requires_grad),
+        "fp32_master_bytes": master,
+        "optimizer_state_bytes": state,
+        "gradient_bytes": grads,
+        "param_groups": len(opt.param_groups),
+    }
+    out["model_state_bytes"] = out["trainable_param_bytes"] + master + state + grads
     del engine
     return out
 
@@ -137,8 +166,21 @@ def main() -> None:
         port = str(s.getsockname()[1])
         s.close()
         deepspeed = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(deepspeed) if deepspeed.is_file() else "deepspeed", "--num_gpus", "2", "--master_port", port,
-               __file__, "--worker", "--out", tmp, "--experts", str(args.experts), "--micro", str(args.micro)]
+        cmd = [
+            str(deepspeed) if deepspeed.is_file() else "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            port,
+            __file__,
+            "--worker",
+            "--out",
+            tmp,
+            "--experts",
+            str(args.experts),
+            "--micro",
+            str(args.micro),
+        ]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -149,17 +191,40 @@ def main() -> None:
     for stage in (0, 1, 2, 3):
         per = {v: [r for r in rows if r["stage"] == stage and r["variant"] == v] for v in ("dense", mosa)}
         summary[f"zero{stage}"] = {
-            v: {k: [r[k] for r in sorted(rs, key=lambda r: r["rank"])] for k in
-                ("model_state_bytes", "trainable_param_bytes", "fp32_master_bytes", "optimizer_state_bytes",
-                 "gradient_bytes", "frozen_param_bytes")} for v, rs in per.items()}
-        summary[f"zero{stage}"]["model_state_ratio_mosa_vs_dense"] = (
-            max(r["model_state_bytes"] for r in per[mosa]) / max(r["model_state_bytes"] for r in per["dense"]))
-        summary[f"zero{stage}"]["optimizer_state_ratio_mosa_vs_dense"] = (
-            sum(r["optimizer_state_bytes"] for r in per[mosa]) / sum(r["optimizer_state_bytes"] for r in per["dense"]))
-    print(json.dumps({"bench": "zero_memory", "ranks": 2, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                      "tower": "hf-vit " + json.dumps(TOWER), "adapter": "parallel r64 share=down",
-                      "trainable_elements": {r["variant"]: r["trainable_elements"] for r in rows if r["rank"] == 0},
-                      "per_rank_bytes": summary, "rows": rows}, indent=1))
+            v: {
+                k: [r[k] for r in sorted(rs, key=lambda r: r["rank"])]
+                for k in (
+                    "model_state_bytes",
+                    "trainable_param_bytes",
+                    "fp32_master_bytes",
+                    "optimizer_state_bytes",
+                    "gradient_bytes",
+                    "frozen_param_bytes",
+                )
+            }
+            for v, rs in per.items()
+        }
+        summary[f"zero{stage}"]["model_state_ratio_mosa_vs_dense"] = max(
+            r["model_state_bytes"] for r in per[mosa]
+        ) / max(r["model_state_bytes"] for r in per["dense"])
+        summary[f"zero{stage}"]["optimizer_state_ratio_mosa_vs_dense"] = sum(
+            r["optimizer_state_bytes"] for r in per[mosa]
+        ) / sum(r["optimizer_state_bytes"] for r in per["dense"])
+    print(
+        json.dumps(
+            {
+                "bench": "zero_memory",
+                "ranks": 2,
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "tower": "hf-vit " + json.dumps(TOWER),
+                "adapter": "parallel r64 share=down",
+                "trainable_elements": {r["variant"]: r["trainable_elements"] for r in rows if r["rank"] == 0},
+                "per_rank_bytes": summary,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

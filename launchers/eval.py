@@ -31,9 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
 
     try:
-        result = evaluate_adapter(args.adapter, args.data, split=args.split, batch_size=args.batch_size,
-                                  device=args.device, workers=args.workers, pretrained=args.pretrained,
-                                  max_batches=args.max_batches)
+        result = evaluate_adapter(
+            args.adapter,
+            args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            device=args.device,
+            workers=args.workers,
+            pretrained=args.pretrained,
+            max_batches=args.max_batches,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"eval: {e}", file=sys.stderr)
         return 2

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 adapter.share=up")
     args = parser.parse_args(argv)
     rank, world, _ = world_from_env()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s"
+    )
     try:  # validated before any process group or model exists
         cfg = load_run_config(args.config, args.overrides, world_size=world)
     except ConfigError as e:

@@ -39,7 +39,7 @@ def data_offsets(path: str | Path) -> list[tuple[int, int]]:
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
             if "/data/" in info.filename and info.file_size:
-                name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
+                name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
                 out.append((info.header_offset + 30 + name_len + extra_len, info.file_size))
     return out
 
@@ -61,7 +61,7 @@ def nan_into(path: str | Path, tensor) -> int:
     raw = bytearray(path.read_bytes())
     start = raw.find(tensor.detach().contiguous().numpy().tobytes())
     assert start >= 0 and [s for s, _ in data_offsets(path) if s == start], "tensor data not found in the file"
-    raw[start:start + 4] = struct.pack("<f", float("nan"))
+    raw[start : start + 4] = struct.pack("<f", float("nan"))
     path.write_bytes(bytes(raw))
     return start
 
@@ -84,8 +84,10 @@ def rewrite_adapter(adapter_dir: str | Path, tensors: dict | None = None, manife
     d = Path(adapter_dir)
     tensors = load_file(str(d / WEIGHTS)) if tensors is None else tensors
     manifest = json.loads((d / MANIFEST).read_text()) if manifest is None else manifest
-    manifest["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
-                               "sha256": tensor_checksum(v)} for k, v in tensors.items()}
+    manifest["tensors"] = {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "sha256": tensor_checksum(v)}
+        for k, v in tensors.items()
+    }
     text = json.dumps(manifest, indent=2, sort_keys=True).encode()
     save_file(tensors, str(d / WEIGHTS), metadata={"format": "pt", "manifest_sha256": hashlib.sha256(text).hexdigest()})
     (d / MANIFEST).write_bytes(text)
@@ -96,8 +98,8 @@ def set_header_shape(weights: str | Path, tensor: str, shape: list[int]) -> None
     weights = Path(weights)
     raw = weights.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     header[tensor]["shape"] = shape
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])

@@ -21,9 +21,14 @@ def free_port() -> int:
 def launch_env() -> dict[str, str]:
     # a private build cache: DeepSpeed JIT-builds its CPU comm op once per checkout instead of
     # rebuilding whenever another checkout on the machine built it with other flags
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     return env
 
 
@@ -31,11 +36,19 @@ def deepspeed_cmd(script: Path | str, args: list[str], *, ranks: int = 2) -> lis
     return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(script), *args]
 
 
-def deepspeed_launch(script: Path | str, args: list[str], *, ranks: int = 2, timeout: int = 600,
-                     check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(deepspeed_cmd(script, args, ranks=ranks), cwd=REPO, env=launch_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def deepspeed_launch(
+    script: Path | str, args: list[str], *, ranks: int = 2, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        deepspeed_cmd(script, args, ranks=ranks),
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc

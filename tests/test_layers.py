@@ -68,8 +68,15 @@ def own_imports(path: Path) -> list[tuple[str, bool]]:
 def test_the_layers_cover_every_module_and_the_layer_list_is_checked():
     modules = [module_name(p) for p in sorted(PACKAGE.rglob("*.py"))]
     assert len(modules) > 60 and "mosa_scale.model.assembly" in modules
-    assert [layer(m) for m in ("mosa_scale.config.errors", "mosa_scale.config.run", "mosa_scale.ckpt.consolidate",
-                               "mosa_scale.loop.trainer")] == [0, 5, 7, 9]
+    assert [
+        layer(m)
+        for m in (
+            "mosa_scale.config.errors",
+            "mosa_scale.config.run",
+            "mosa_scale.ckpt.consolidate",
+            "mosa_scale.loop.trainer",
+        )
+    ] == [0, 5, 7, 9]
 
 
 def test_no_module_imports_a_higher_layer():
@@ -86,8 +93,10 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_checkpoint_tools_import_no_training_code():
-    code = ("import json, sys, mosa_scale.ckpt, mosa_scale.ckpt.consolidate, mosa_scale.ckpt.inspect; "
-            "print(json.dumps(sorted({m.split('.')[1] for m in sys.modules if m.startswith('mosa_scale.')})))")
+    code = (
+        "import json, sys, mosa_scale.ckpt, mosa_scale.ckpt.consolidate, mosa_scale.ckpt.inspect; "
+        "print(json.dumps(sorted({m.split('.')[1] for m in sys.modules if m.startswith('mosa_scale.')})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     packages = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert "ckpt" in packages and "model" in packages

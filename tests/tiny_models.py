@@ -84,5 +84,7 @@ def make_tower(seed: int = 0, **kw) -> TinyTower:
 
 def batches(n: int, *, batch: int = 4, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, TOKENS, IN_DIM, generator=g), torch.randint(CLASSES, (batch,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(batch, TOKENS, IN_DIM, generator=g), torch.randint(CLASSES, (batch,), generator=g))
+        for _ in range(n)
+    ]

@@ -21,27 +21,37 @@ _TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "la
 # OpenCLIP timm towers: the real timm architectures, shrunk through timm_model_kwargs
 TINY_SIGLIP = {  # SigLIP / SigLIP2: timm ViT, no class token, attention-pool (MAP) head, fused qkv
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map",
-                   "timm_proj": "none",
-                   "timm_model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 8}},
+    "vision_cfg": {
+        "image_size": 32,
+        "timm_model_name": "vit_base_patch16_siglip_224",
+        "timm_pool": "map",
+        "timm_proj": "none",
+        "timm_model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 8},
+    },
     "text_cfg": _TEXT,
     "custom_text": True,
 }
 TINY_EVA = {  # EVA02-B/L: pre-norm EVA blocks, separate q/k/v, SwiGLU, rotary embeddings
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "timm_model_name": "eva02_large_patch14_clip_224", "timm_pool": "token",
-                   "timm_proj": None,
-                   "timm_model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 8,
-                                         "ref_feat_shape": [4, 4]}},
+    "vision_cfg": {
+        "image_size": 32,
+        "timm_model_name": "eva02_large_patch14_clip_224",
+        "timm_pool": "token",
+        "timm_proj": None,
+        "timm_model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 8, "ref_feat_shape": [4, 4]},
+    },
     "text_cfg": _TEXT,
     "custom_text": True,
 }
 TINY_EVA_E = {  # EVA02-E: post-norm EVA blocks, fused qkv with separate q/v biases
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "timm_model_name": "eva02_enormous_patch14_clip_224", "timm_pool": "token",
-                   "timm_proj": None,
-                   "timm_model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 8,
-                                         "mlp_ratio": 4.0}},
+    "vision_cfg": {
+        "image_size": 32,
+        "timm_model_name": "eva02_enormous_patch14_clip_224",
+        "timm_pool": "token",
+        "timm_proj": None,
+        "timm_model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 4, "patch_size": 8, "mlp_ratio": 4.0},
+    },
     "text_cfg": _TEXT,
     "custom_text": True,
 }

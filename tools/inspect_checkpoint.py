@@ -24,8 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one checkpoints/latest names)")
-    parser.add_argument("--unverified", action="store_true",
-                        help="accept a checkpoint tag without manifest.json (written before manifests existed)")
+    parser.add_argument(
+        "--unverified",
+        action="store_true",
+        help="accept a checkpoint tag without manifest.json (written before manifests existed)",
+    )
     parser.add_argument("--no-tensors", action="store_true", help="leave out the per-tensor table")
     args = parser.parse_args(argv)
     try:

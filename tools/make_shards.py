@@ -21,26 +21,38 @@ from mosa_scale.data.shards import make_shards, parse_size
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("source", metavar="SOURCE",
-                        help="class folder, .csv of path,label, 'digits' or 'fashion-mnist'")
+    parser.add_argument(
+        "source", metavar="SOURCE", help="class folder, .csv of path,label, 'digits' or 'fashion-mnist'"
+    )
     parser.add_argument("--out", required=True, help="output folder (DIR/<split>-%%06d.tar)")
     parser.add_argument("--samples-per-shard", type=int, default=1000, metavar="K")
-    parser.add_argument("--max-shard-bytes", type=parse_size, default="1G", metavar="B",
-                        help="bytes per shard file, e.g. 500M (default 1G)")
+    parser.add_argument(
+        "--max-shard-bytes",
+        type=parse_size,
+        default="1G",
+        metavar="B",
+        help="bytes per shard file, e.g. 500M (default 1G)",
+    )
     parser.add_argument("--split", default="train=1", help="e.g. train=0.8,val=0.2")
     parser.add_argument("--seed", type=int, default=0, metavar="S")
     parser.add_argument("--overwrite", action="store_true", help="replace shards in DIR")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="seeded random subset of N samples")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="seeded random subset of N samples")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill cleans up like Ctrl-C
     try:
-        index = make_shards(args.source, args.out, samples_per_shard=args.samples_per_shard,
-                            max_shard_bytes=args.max_shard_bytes, splits=args.split,
-                            seed=args.seed, overwrite=args.overwrite, limit=args.limit,
-                            progress=not args.quiet)
+        index = make_shards(
+            args.source,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes,
+            splits=args.split,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            limit=args.limit,
+            progress=not args.quiet,
+        )
     except (FileNotFoundError, FileExistsError, MissingDatasetError, ValueError) as exn:
         parser.exit(2, f"make_shards: error: {exn}\n")
     except KeyboardInterrupt:

@@ -32,11 +32,23 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args()
     cfg = load_run_config(args.config, args.overrides, world_size=args.world)
-    hw = Hardware(name=args.gpu, memory_gib=args.gpu_mem, peak_tflops=args.peak_tflops, mfu=args.mfu,
-                  intra_node_gbs=args.intra_gbs, inter_node_gbs=args.inter_gbs, gpus_per_node=args.gpus_per_node,
-                  overhead_gib=args.overhead_gib)
-    result = plan_run(cfg, world_size=args.world, hardware=hw, num_classes=args.num_classes,
-                      stages=tuple(int(s) for s in args.stages.split(",")))
+    hw = Hardware(
+        name=args.gpu,
+        memory_gib=args.gpu_mem,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu,
+        intra_node_gbs=args.intra_gbs,
+        inter_node_gbs=args.inter_gbs,
+        gpus_per_node=args.gpus_per_node,
+        overhead_gib=args.overhead_gib,
+    )
+    result = plan_run(
+        cfg,
+        world_size=args.world,
+        hardware=hw,
+        num_classes=args.num_classes,
+        stages=tuple(int(s) for s in args.stages.split(",")),
+    )
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
 
 

@@ -6,6 +6,13 @@ from mosa_scale.adapters.inject import InjectionReport, inject_adapters, trainab
 from mosa_scale.adapters.registry import get_method, register_method, registered_methods
 
 __all__ = [
-    "ADAPTER_MARK", "AdapterConfig", "InjectionReport", "get_method", "inject_adapters", "is_adapter_name",
-    "register_method", "registered_methods", "trainable_named_parameters",
+    "ADAPTER_MARK",
+    "AdapterConfig",
+    "InjectionReport",
+    "get_method",
+    "inject_adapters",
+    "is_adapter_name",
+    "register_method",
+    "registered_methods",
+    "trainable_named_parameters",
 ]

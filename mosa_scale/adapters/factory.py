@@ -39,8 +39,18 @@ def kaiming_weight(out_f: int, in_f: int, *, generator: torch.Generator) -> torc
     return (torch.rand((out_f, in_f), generator=generator) * 2 - 1) * bound
 
 
-def projection(in_f: int, out_f: int, *, bias: bool, init: str, split: bool, num_experts: int, name: str,
-               cfg: AdapterConfig, ctx: InjectContext) -> nn.Module:
+def projection(
+    in_f: int,
+    out_f: int,
+    *,
+    bias: bool,
+    init: str,
+    split: bool,
+    num_experts: int,
+    name: str,
+    cfg: AdapterConfig,
+    ctx: InjectContext,
+) -> nn.Module:
     """A dense ``nn.Linear`` or, when ``split`` and N >= 2, a :class:`SparseExpertLinear`.
 
     The init is drawn from a generator seeded by (seed, name) so a MoSA and a dense adapter of the
@@ -54,8 +64,16 @@ def projection(in_f: int, out_f: int, *, bias: bool, init: str, split: bool, num
     if split and num_experts >= 2:
         if ctx.router is None:
             raise ValueError("a MoSA adapter (num_experts >= 2) needs a Router")
-        return SparseExpertLinear(weight, bias=bias, num_experts=num_experts, name=name, seed=cfg.seed,
-                                  mode=cfg.mode, split_bias=cfg.split_bias, router=ctx.router)
+        return SparseExpertLinear(
+            weight,
+            bias=bias,
+            num_experts=num_experts,
+            name=name,
+            seed=cfg.seed,
+            mode=cfg.mode,
+            split_bias=cfg.split_bias,
+            router=ctx.router,
+        )
     layer = nn.Linear(in_f, out_f, bias=bias)
     with torch.no_grad():
         layer.weight.copy_(weight)

@@ -42,8 +42,15 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
     return [(n, p) for n, p in model.named_parameters() if is_adapter_name(n)]
 
 
-def inject_adapters(model: nn.Module, sites: Sequence, cfg: AdapterConfig, *, router: Router | None, width: int,
-                    dtype: torch.dtype = torch.float32) -> InjectionReport:
+def inject_adapters(
+    model: nn.Module,
+    sites: Sequence,
+    cfg: AdapterConfig,
+    *,
+    router: Router | None,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+) -> InjectionReport:
     """Freezes ``model`` and adds the configured adapters to its blocks.
 
     Args:
@@ -75,7 +82,8 @@ def inject_adapters(model: nn.Module, sites: Sequence, cfg: AdapterConfig, *, ro
             for p in module.parameters():
                 p.requires_grad_(True)
             split = [(n, m.num_experts) for n, m in module.named_modules() if isinstance(m, SparseExpertLinear)]
-            report.rows.append({"block": block, "module": name, "params": sum(p.numel() for p in module.parameters()),
-                                "split": split})
+            report.rows.append(
+                {"block": block, "module": name, "params": sum(p.numel() for p in module.parameters()), "split": split}
+            )
     log.info("%s", report.format())
     return report

@@ -20,8 +20,9 @@ class AdapterMethod(Protocol):
 
     name: str
 
-    def inject_block(self, model: nn.Module, site: BlockSites, block: int, cfg: AdapterConfig,
-                     ctx: InjectContext) -> dict[str, nn.Module]:
+    def inject_block(
+        self, model: nn.Module, site: BlockSites, block: int, cfg: AdapterConfig, ctx: InjectContext
+    ) -> dict[str, nn.Module]:
         """Adds the method's modules to one block; returns {qualified name: added module}."""
         ...
 

@@ -66,13 +66,9 @@ class BlockSites:
     """
 
     block: str  # the block module itself
-    attn: (
-        str  # output (tensor, or tuple whose [0] is it) = attention branch before the residual add
-    )
+    attn: str  # output (tensor, or tuple whose [0] is it) = attention branch before the residual add
     ln2: str  # pre-FFN LayerNorm: its INPUT is the residual stream h after attention
-    mlp: (
-        str  # FFN module: its output is the FFN branch before the residual add (before layer-scale)
-    )
+    mlp: str  # FFN module: its output is the FFN branch before the residual add (before layer-scale)
     q: str | None = None  # nn.Linear of the query projection (HF families, EVA02-B/L)
     v: str | None = None  # nn.Linear of the value projection (HF families, EVA02-B/L)
     qkv_fused: str | None = None  # nn.MultiheadAttention with in_proj_weight (OpenCLIP)
@@ -138,19 +134,12 @@ class BackboneConfig:
         allowed_pool = POOLINGS.get(self.family, ("cls", "mean", "pooler"))
         if self.pooling not in allowed_pool:
             errors.append(
-                f"pooling={self.pooling!r}: allowed values for family {self.family!r} are "
-                f"{list(allowed_pool)}"
+                f"pooling={self.pooling!r}: allowed values for family {self.family!r} are {list(allowed_pool)}"
             )
-        if self.pretrained is not None and (
-            not isinstance(self.pretrained, str) or not self.pretrained.strip()
-        ):
-            errors.append(
-                f"pretrained={self.pretrained!r}: give a tag, a file or a directory, or None"
-            )
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained.strip()):
+            errors.append(f"pretrained={self.pretrained!r}: give a tag, a file or a directory, or None")
         if self.image_size is not None and (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, int)
-            or self.image_size <= 0
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0
         ):
             errors.append(f"image_size={self.image_size!r}: must be a positive int or None")
         for fname in ("image_mean", "image_std"):
@@ -169,9 +158,7 @@ class BackboneConfig:
             if self.openclip_cfg is not None:
                 missing = [k for k in ("embed_dim", "vision_cfg") if k not in self.openclip_cfg]
                 if missing:
-                    errors.append(
-                        f"openclip_cfg: missing keys {missing} (an OpenCLIP model config)"
-                    )
+                    errors.append(f"openclip_cfg: missing keys {missing} (an OpenCLIP model config)")
         elif self.family in FAMILIES:
             if self.openclip_cfg is not None:
                 errors.append("openclip_cfg: only used by family 'openclip'; remove it")

@@ -31,9 +31,7 @@ def default_checkpoint_fn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
-def _checkpointed_forward(
-    checkpoint_fn: CheckpointFn, orig: Callable[..., Any], *args: Any, **kwargs: Any
-) -> Any:
+def _checkpointed_forward(checkpoint_fn: CheckpointFn, orig: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():  # eval / no_grad: nothing to save, skip the wrapper
         return orig(*args, **kwargs)
     return checkpoint_fn(orig, *args, **kwargs)
@@ -48,9 +46,7 @@ def _blocks(backbone: Backbone) -> nn.ModuleList | nn.Sequential:
     return blocks
 
 
-def enable_gradient_checkpointing(
-    backbone: Backbone, checkpoint_fn: CheckpointFn | None = None
-) -> int:
+def enable_gradient_checkpointing(backbone: Backbone, checkpoint_fn: CheckpointFn | None = None) -> int:
     """Run every block's forward through ``checkpoint_fn``.
 
     Calling it again replaces the previous ``checkpoint_fn``.

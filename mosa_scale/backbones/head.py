@@ -118,9 +118,7 @@ def build_head(
         head = nn.Linear(width, num_classes)
         with torch.no_grad():
             if init_std > 0:
-                nn.init.trunc_normal_(
-                    head.weight, std=init_std, a=-2 * init_std, b=2 * init_std, generator=generator
-                )
+                nn.init.trunc_normal_(head.weight, std=init_std, a=-2 * init_std, b=2 * init_std, generator=generator)
             else:
                 head.weight.zero_()
             head.bias.zero_()
@@ -147,9 +145,7 @@ def build_head(
     if not templates:
         raise ValueError("templates is empty: give at least one prompt such as 'a photo of a {}.'")
     if not hasattr(openclip_model, "encode_text"):
-        raise ValueError(
-            "openclip_model has no encode_text: pass the full OpenCLIP model, not its visual tower"
-        )
+        raise ValueError("openclip_model has no encode_text: pass the full OpenCLIP model, not its visual tower")
     text = zeroshot_text_embeddings(openclip_model, tokenizer, class_names, templates)  # (C, D)
     if text.shape[1] != width:
         raise ValueError(

@@ -176,9 +176,7 @@ def check_hf_dir(cfg: BackboneConfig) -> Path:
         )
     conf = d / "config.json"
     if not conf.is_file():
-        raise FileNotFoundError(
-            f"{conf}: missing; pretrained must be a directory written by save_pretrained"
-        )
+        raise FileNotFoundError(f"{conf}: missing; pretrained must be a directory written by save_pretrained")
     with open(conf, encoding="utf-8") as f:
         model_type = json.load(f).get("model_type")
     fam = _FAMILIES[cfg.family]
@@ -222,8 +220,10 @@ def _hf_checkpoint(d: Path) -> Path:
     for name in HF_WEIGHT_FILES:
         if (d / name).is_file():
             return d / name
-    raise FileNotFoundError(f"{d}: no weights file (looked for {list(HF_WEIGHT_FILES)}); pretrained must be a "
-                            "directory written by save_pretrained")
+    raise FileNotFoundError(
+        f"{d}: no weights file (looked for {list(HF_WEIGHT_FILES)}); pretrained must be a "
+        "directory written by save_pretrained"
+    )
 
 
 def _hf_key_map(tower: nn.Module, keys: list[str]) -> dict[str, str]:
@@ -246,8 +246,10 @@ def _hf_key_map(tower: nn.Module, keys: list[str]) -> dict[str, str]:
         new, converted = rename_source_key(key, renamings, converters, tower.base_model_prefix, names)
         if new in names:
             if converted is not None:
-                raise WeightsError(f"checkpoint tensor {key!r} needs a transformers weight conversion "
-                                   f"({converted}); load this model replicated (ZeRO stage 0-2)")
+                raise WeightsError(
+                    f"checkpoint tensor {key!r} needs a transformers weight conversion "
+                    f"({converted}); load this model replicated (ZeRO stage 0-2)"
+                )
             out[new] = key
     return out
 
@@ -325,9 +327,7 @@ def _build_hf(cfg: BackboneConfig, args: BuildArgs) -> Backbone:
             source = str(d)
     else:  # replicated: transformers' own loader (meta init, then tensor by tensor in the dtype)
         stats = _dir_image_stats(d)
-        tower = model_cls.from_pretrained(
-            str(d), local_files_only=True, dtype=args.dtype, **init_kwargs, **overrides
-        )
+        tower = model_cls.from_pretrained(str(d), local_files_only=True, dtype=args.dtype, **init_kwargs, **overrides)
         tower.to(args.device)
         config = tower.config
         source, loaded = str(d), None

@@ -117,9 +117,7 @@ def _open_clip() -> Any:
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - dependency of the package
-        raise ImportError(
-            "family 'openclip' needs open_clip_torch: pip install open_clip_torch"
-        ) from e
+        raise ImportError("family 'openclip' needs open_clip_torch: pip install open_clip_torch") from e
     return open_clip
 
 
@@ -175,8 +173,7 @@ def openclip_model_cfg(cfg: BackboneConfig) -> dict[str, Any]:
         patch = 1
     if not isinstance(size, int) or not isinstance(patch, int) or size % patch:
         raise ValueError(
-            f"image_size={size} with patch_size={patch}: use a square int size divisible by the "
-            "patch size"
+            f"image_size={size} with patch_size={patch}: use a square int size divisible by the patch size"
         )
     model_cfg["vision_cfg"] = vision
     return model_cfg
@@ -237,9 +234,7 @@ def resolve_openclip_weights(cfg: BackboneConfig) -> tuple[str | None, dict[str,
         ) from e
     if not ckpt:
         raise RuntimeError(f"OpenCLIP returned no checkpoint for {cfg.name!r} tag {p!r}")
-    model_qg = bool(
-        (cfg.openclip_cfg or oc.get_model_config(cfg.name) or {}).get("quick_gelu", False)
-    )
+    model_qg = bool((cfg.openclip_cfg or oc.get_model_config(cfg.name) or {}).get("quick_gelu", False))
     if bool(tag_cfg.get("quick_gelu", False)) != model_qg:
         logger.warning(
             "tag %r was trained with quick_gelu=%s but model %r uses quick_gelu=%s: features will "
@@ -316,8 +311,7 @@ def load_openclip_weights(model: OpenCLIPFeatures, ckpt: str, shard: ShardHooks 
     """
     if Path(ckpt).suffix in (".npz", ".npy"):
         raise ValueError(
-            f"{ckpt}: big_vision numpy checkpoints are not supported; convert to an OpenCLIP "
-            "state dict first"
+            f"{ckpt}: big_vision numpy checkpoints are not supported; convert to an OpenCLIP state dict first"
         )
     reader = open_checkpoint(ckpt)
     try:
@@ -354,9 +348,7 @@ def _check_supported(visual: nn.Module) -> None:
     if visual.attn_pool is not None:
         raise ValueError("OpenCLIP attentional pooling (CoCa) towers are not supported")
     for i, blk in enumerate(visual.transformer.resblocks):
-        if type(blk) is not ResidualAttentionBlock or not isinstance(
-            blk.attn, nn.MultiheadAttention
-        ):
+        if type(blk) is not ResidualAttentionBlock or not isinstance(blk.attn, nn.MultiheadAttention):
             raise ValueError(
                 f"block {i} is a {type(blk).__name__}: custom OpenCLIP blocks (qk_norm, "
                 "scaled_cosine_attn, scale_attn, scale_fc, ...) are not supported"
@@ -528,9 +520,7 @@ def build_openclip_zeroshot(
     model_cfg = openclip_model_cfg(cfg)
     if "text_cfg" not in model_cfg:
         raise ValueError("openclip_cfg has no text_cfg: a zero-shot head needs the text tower")
-    custom = bool(model_cfg.pop("custom_text", False)) or bool(
-        model_cfg["text_cfg"].get("hf_model_name")
-    )
+    custom = bool(model_cfg.pop("custom_text", False)) or bool(model_cfg["text_cfg"].get("hf_model_name"))
     if "multimodal_cfg" in model_cfg:
         raise ValueError("CoCa models are not supported")
     dt = resolve_dtype(cfg, dtype)

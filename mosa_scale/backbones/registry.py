@@ -85,9 +85,7 @@ def build_backbone(
     """
     builder = _BUILDERS.get(cfg.family)
     if builder is None:
-        raise ValueError(
-            f"family={cfg.family!r} has no registered builder; registered: {registered_families()}"
-        )
+        raise ValueError(f"family={cfg.family!r} has no registered builder; registered: {registered_families()}")
     dt = resolve_dtype(cfg, dtype)
     if meta and cfg.pretrained is not None:
         raise ValueError(
@@ -96,7 +94,5 @@ def build_backbone(
         )
     if meta and shard is not None:
         raise ValueError("meta=True and shard: a meta skeleton holds nothing to partition; pass one of them")
-    args = BuildArgs(
-        device=torch.device("meta") if meta else torch.device(device), dtype=dt, meta=meta, shard=shard
-    )
+    args = BuildArgs(device=torch.device("meta") if meta else torch.device(device), dtype=dt, meta=meta, shard=shard)
     return finalize_backbone(builder(cfg, args), dt, args.device)

@@ -74,16 +74,20 @@ def check_timm_supported(visual: nn.Module) -> None:
     if isinstance(trunk, vit_cls):
         for i, blk in enumerate(trunk.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise ValueError(f"timm block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}: only "
-                                 "timm Block with fused-qkv Attention is supported (SigLIP / SigLIP2 towers)")
+                raise ValueError(
+                    f"timm block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}: only "
+                    "timm Block with fused-qkv Attention is supported (SigLIP / SigLIP2 towers)"
+                )
     elif isinstance(trunk, eva_cls):
         for i, blk in enumerate(trunk.blocks):
             if type(blk) not in (eva_block, eva_post):
-                raise ValueError(f"timm EVA block {i} is a {type(blk).__name__}: only EvaBlock / EvaBlockPostNorm "
-                                 "are supported")
+                raise ValueError(
+                    f"timm EVA block {i} is a {type(blk).__name__}: only EvaBlock / EvaBlockPostNorm are supported"
+                )
     else:
-        raise ValueError(f"timm trunk {type(trunk).__name__}: only VisionTransformer (SigLIP) and Eva (EVA02) "
-                         "trunks are supported")
+        raise ValueError(
+            f"timm trunk {type(trunk).__name__}: only VisionTransformer (SigLIP) and Eva (EVA02) trunks are supported"
+        )
 
 
 def timm_sites(visual: nn.Module, prefix: str) -> list[BlockSites]:
@@ -165,7 +169,7 @@ def finish_sharded_init(visual: nn.Module, shard: ShardHooks) -> None:
     scale = getattr(trunk, "head_init_scale", None)
     if isinstance(trunk, eva_cls) and scale and isinstance(trunk.head, nn.Linear):
         with torch.no_grad(), shard.modify(sharded_params(trunk.head, shard, children=False)):
-            trunc_normal_(trunk.head.weight, std=.02)
+            trunc_normal_(trunk.head.weight, std=0.02)
             trunk.head.weight.mul_(scale)
             trunk.head.bias.mul_(scale)
 
@@ -178,7 +182,8 @@ def timm_pos_embed_resize(visual: nn.Module) -> Any:
     prefix_tokens = 0 if getattr(trunk, "no_embed_class", False) else int(getattr(trunk, "num_prefix_tokens", 1))
 
     def resize(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return resample_abs_pos_embed(t.float(), new_size=list(trunk.patch_embed.grid_size),
-                                      num_prefix_tokens=prefix_tokens).to(t.dtype)
+        return resample_abs_pos_embed(
+            t.float(), new_size=list(trunk.patch_embed.grid_size), num_prefix_tokens=prefix_tokens
+        ).to(t.dtype)
 
     return resize

@@ -72,7 +72,7 @@ class CheckpointReader:
     def read_flat(self, key: str, start: int, count: int) -> torch.Tensor:
         """Elements ``[start, start + count)`` of ``key`` in row-major order; reads only the rows
         that hold them."""
-        return self.read(key).reshape(-1)[start:start + count]
+        return self.read(key).reshape(-1)[start : start + count]
 
     def close(self) -> None:
         """Releases open files."""
@@ -104,11 +104,11 @@ class SafetensorsReader(CheckpointReader):
         if count <= 0:
             return torch.empty(0)
         if len(shape) == 0:
-            return self.read(key).reshape(-1)[start:start + count]
+            return self.read(key).reshape(-1)[start : start + count]
         row = math.prod(shape[1:])
         r0, r1 = start // row, -(-(start + count) // row)
         rows = self._handle(key).get_slice(key)[r0:r1]  # only these rows are read from the file
-        return rows.reshape(-1)[start - r0 * row:start - r0 * row + count]
+        return rows.reshape(-1)[start - r0 * row : start - r0 * row + count]
 
     def close(self) -> None:
         self._handles.clear()
@@ -130,7 +130,7 @@ class TorchReader(CheckpointReader):
     def read_flat(self, key: str, start: int, count: int) -> torch.Tensor:
         t = self._tensors[key]
         flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-        return flat[start:start + count]
+        return flat[start : start + count]
 
     def close(self) -> None:
         self._tensors.clear()
@@ -149,13 +149,13 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a state dict (got {type(obj).__name__})")
     sd = {k: v for k, v in obj.items() if torch.is_tensor(v)}
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
 def _strip_module(files: dict[str, str]) -> dict[str, str]:
     if files and all(k.startswith("module.") for k in files):
-        return {k[len("module."):]: f for k, f in files.items()}
+        return {k[len("module.") :]: f for k, f in files.items()}
     return files
 
 
@@ -203,8 +203,11 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
             if "mmap" not in str(e) and "zip" not in str(e):
                 raise WeightsError(f"{p}: could not be read as a PyTorch checkpoint: {e}") from e
             # a legacy (non-zip) checkpoint cannot be memory-mapped: it is read whole once
-            logger.warning("%s is not in PyTorch's zip format: read whole into memory (re-save it with "
-                           "torch.save or as safetensors to load it tensor by tensor)", p)
+            logger.warning(
+                "%s is not in PyTorch's zip format: read whole into memory (re-save it with "
+                "torch.save or as safetensors to load it tensor by tensor)",
+                p,
+            )
             obj = torch.load(p, map_location="cpu", weights_only=True)
         sd = _unwrap(obj, p)
         return TorchReader(sd, {k: str(p) for k in sd}, str(p))
@@ -239,8 +242,14 @@ def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(t, "ds_shape", t.shape))
 
 
-def load_tensors(targets: list[Target], reader: CheckpointReader, *, shard: ShardHooks | None = None,
-                 transforms: Mapping[str, Transform] | None = None, what: str = "tower") -> dict[str, float]:
+def load_tensors(
+    targets: list[Target],
+    reader: CheckpointReader,
+    *,
+    shard: ShardHooks | None = None,
+    transforms: Mapping[str, Transform] | None = None,
+    what: str = "tower",
+) -> dict[str, float]:
     """Copy checkpoint tensors into the tower, one tensor at a time.
 
     Each target gets ``reader[key]`` cast to the target's dtype. A partitioned (ZeRO-3)
@@ -265,8 +274,10 @@ def load_tensors(targets: list[Target], reader: CheckpointReader, *, shard: Shar
     missing = [t for t in targets if t.key not in reader]
     if missing:
         shown = ", ".join(f"{t.key!r} (for {t.name})" for t in missing[:5])
-        raise WeightsError(f"checkpoint {reader.label} does not fit the configured {what}: {len(missing)} tensors "
-                           f"are missing, e.g. {shown}; check the model name / config against the checkpoint")
+        raise WeightsError(
+            f"checkpoint {reader.label} does not fit the configured {what}: {len(missing)} tensors "
+            f"are missing, e.g. {shown}; check the model name / config against the checkpoint"
+        )
     t0, done, nbytes, next_log = time.perf_counter(), 0, 0, 0.1
     total = sum(math.prod(_full_shape(t.tensor)) * t.tensor.element_size() for t in targets) or 1
     for t in targets:
@@ -274,16 +285,18 @@ def load_tensors(targets: list[Target], reader: CheckpointReader, *, shard: Shar
         have = reader.shape(t.key)
         transform = transforms.get(t.name) if have != want else None
         if have != want and transform is None:
-            raise WeightsError(f"tensor {t.key!r} in {reader.file_of(t.key)} has shape {list(have)}, but the "
-                               f"{what}'s {t.name} has shape {list(want)}: the checkpoint does not fit the "
-                               "configured model")
+            raise WeightsError(
+                f"tensor {t.key!r} in {reader.file_of(t.key)} has shape {list(have)}, but the "
+                f"{what}'s {t.name} has shape {list(want)}: the checkpoint does not fit the "
+                "configured model"
+            )
         with torch.no_grad():
             if shard is not None and shard.is_sharded(t.tensor):
                 start, count = shard.local_range(t.tensor)  # type: ignore[arg-type]
                 if transform is None:
                     values = reader.read_flat(t.key, start, count)
                 else:
-                    values = _transformed(reader, t, transform, want).reshape(-1)[start:start + count]
+                    values = _transformed(reader, t, transform, want).reshape(-1)[start : start + count]
                 shard.write_local(t.tensor, values.to(t.tensor.dtype))  # type: ignore[arg-type]
                 nbytes += values.numel() * values.element_size()
             else:
@@ -292,8 +305,9 @@ def load_tensors(targets: list[Target], reader: CheckpointReader, *, shard: Shar
                 nbytes += value.numel() * value.element_size()
         done += math.prod(want) * t.tensor.element_size()
         if done / total >= next_log:
-            logger.info("loading %s from %s: %.0f%% (%.1f s)", what, reader.label, 100 * done / total,
-                        time.perf_counter() - t0)
+            logger.info(
+                "loading %s from %s: %.0f%% (%.1f s)", what, reader.label, 100 * done / total, time.perf_counter() - t0
+            )
             next_log = done / total + 0.1
     return {"tensors": float(len(targets)), "bytes_read": float(nbytes), "seconds": time.perf_counter() - t0}
 
@@ -301,8 +315,10 @@ def load_tensors(targets: list[Target], reader: CheckpointReader, *, shard: Shar
 def _transformed(reader: CheckpointReader, t: Target, transform: Transform, want: tuple[int, ...]) -> torch.Tensor:
     value = transform(reader.read(t.key), want)
     if tuple(value.shape) != want:
-        raise WeightsError(f"tensor {t.key!r} in {reader.file_of(t.key)} has shape {list(reader.shape(t.key))} and "
-                           f"cannot be resized to the {t.name} shape {list(want)}")
+        raise WeightsError(
+            f"tensor {t.key!r} in {reader.file_of(t.key)} has shape {list(reader.shape(t.key))} and "
+            f"cannot be resized to the {t.name} shape {list(want)}"
+        )
     return value
 
 

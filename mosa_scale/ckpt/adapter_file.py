@@ -26,9 +26,18 @@ import mosa_scale
 WEIGHTS, MANIFEST = "adapter.safetensors", "adapter_config.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 # safetensors dtype -> (torch dtype name as the manifest writes it, bytes per element)
-DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-          "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-          "BOOL": ("bool", 1)}
+DTYPES = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
 
 
 class AdapterFileError(ValueError):
@@ -63,16 +72,30 @@ def write_adapter(out_dir: str | Path, state: dict[str, torch.Tensor], manifest:
     tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(state.items())}
     bad = nonfinite(tensors)
     if bad:
-        raise AdapterFileError(f"refusing to write an adapter to {out} with non-finite values: "
-                               + ", ".join(f"{k} ({n} NaN/inf)" for k, n in sorted(bad.items())[:6]))
+        raise AdapterFileError(
+            f"refusing to write an adapter to {out} with non-finite values: "
+            + ", ".join(f"{k} ({n} NaN/inf)" for k, n in sorted(bad.items())[:6])
+        )
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**manifest, "mosa_scale_version": mosa_scale.__version__,
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
-                            "sha256": tensor_checksum(v)} for k, v in tensors.items()}}
+    meta = {
+        **manifest,
+        "mosa_scale_version": mosa_scale.__version__,
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "sha256": tensor_checksum(v)}
+            for k, v in tensors.items()
+        },
+    }
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
     tmp_w, tmp_m = out / f".{WEIGHTS}.tmp", out / f".{MANIFEST}.tmp"
-    save_file(tensors, str(tmp_w), metadata={"format": "pt", "mosa_scale_version": mosa_scale.__version__,
-                                             "manifest_sha256": hashlib.sha256(text).hexdigest()})
+    save_file(
+        tensors,
+        str(tmp_w),
+        metadata={
+            "format": "pt",
+            "mosa_scale_version": mosa_scale.__version__,
+            "manifest_sha256": hashlib.sha256(text).hexdigest(),
+        },
+    )
     tmp_m.write_bytes(text)
     os.replace(tmp_w, out / WEIGHTS)
     os.replace(tmp_m, out / MANIFEST)
@@ -108,16 +131,24 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     meta = header.pop("__metadata__", None) or {}
     data_bytes, spans = size - 8 - n, []
     for name, t in header.items():
-        ok = isinstance(t, dict) and t.get("dtype") in DTYPES and isinstance(t.get("shape"), list) and \
-            all(isinstance(s, int) and s >= 0 for s in t["shape"]) and isinstance(t.get("data_offsets"), list) and \
-            len(t["data_offsets"]) == 2 and all(isinstance(o, int) for o in t["data_offsets"])
+        ok = (
+            isinstance(t, dict)
+            and t.get("dtype") in DTYPES
+            and isinstance(t.get("shape"), list)
+            and all(isinstance(s, int) and s >= 0 for s in t["shape"])
+            and isinstance(t.get("data_offsets"), list)
+            and len(t["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in t["data_offsets"])
+        )
         if not ok:
             raise bad(f"tensor {name!r}: header entry {str(t)[:120]} is not a safetensors tensor entry")
         begin, end = t["data_offsets"]
         want = math.prod(t["shape"]) * DTYPES[t["dtype"]][1]
         if not 0 <= begin <= end <= data_bytes or end - begin != want:
-            raise bad(f"tensor {name!r}: the header says shape {t['shape']} {t['dtype']} ({want} bytes) at bytes "
-                      f"[{begin}, {end}) of a {data_bytes}-byte data section")
+            raise bad(
+                f"tensor {name!r}: the header says shape {t['shape']} {t['dtype']} ({want} bytes) at bytes "
+                f"[{begin}, {end}) of a {data_bytes}-byte data section"
+            )
         spans.append((begin, end, name))
     spans.sort()
     pos = 0
@@ -151,8 +182,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     header, meta = read_header(weights)
     recorded = meta.get("manifest_sha256")
     if recorded is not None and recorded != hashlib.sha256(text).hexdigest():
-        raise AdapterFileError(f"{d / MANIFEST}: its sha256 differs from the one recorded in {weights.name}'s header: "
-                               "one of the two files is damaged or altered, or they come from different writes")
+        raise AdapterFileError(
+            f"{d / MANIFEST}: its sha256 differs from the one recorded in {weights.name}'s header: "
+            "one of the two files is damaged or altered, or they come from different writes"
+        )
     listed = manifest.get("tensors") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict):
         raise AdapterFileError(f"{d / MANIFEST}: has no 'tensors' table; not an adapter manifest")
@@ -174,6 +207,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise AdapterFileError(f"{weights}: checksum mismatch for {', '.join(bad)}; the file is damaged or altered")
     values = nonfinite(state)
     if values:
-        raise AdapterFileError(f"{weights}: non-finite values in " + ", ".join(
-            f"{k} ({n} NaN/inf)" for k, n in sorted(values.items())[:6]) + "; the adapter is unusable")
+        raise AdapterFileError(
+            f"{weights}: non-finite values in "
+            + ", ".join(f"{k} ({n} NaN/inf)" for k, n in sorted(values.items())[:6])
+            + "; the adapter is unusable"
+        )
     return state, manifest

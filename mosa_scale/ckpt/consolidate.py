@@ -118,8 +118,10 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     """
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"{p}: no such directory; give a run directory, its checkpoints/ folder or one "
-                              "checkpoint folder (checkpoints/<tag>)")
+        raise CheckpointError(
+            f"{p}: no such directory; give a run directory, its checkpoints/ folder or one "
+            "checkpoint folder (checkpoints/<tag>)"
+        )
     if (p / "checkpoints").is_dir() and not any(p.glob("*_model_states.pt")):
         p = p / "checkpoints"
     if any(p.glob("*_model_states.pt")):
@@ -129,13 +131,16 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     if tag is None:
         latest = p / "latest"
         if not latest.is_file():
-            raise CheckpointError(f"{p}: no *_model_states.pt and no 'latest' file; give one checkpoint folder or "
-                                  "pass --tag")
+            raise CheckpointError(
+                f"{p}: no *_model_states.pt and no 'latest' file; give one checkpoint folder or pass --tag"
+            )
         tag = latest.read_text().strip()
     d = p / tag
     if not d.is_dir():
-        raise CheckpointError(f"{d}: checkpoint tag {tag!r} does not exist (tags here: "
-                              f"{', '.join(sorted(x.name for x in p.iterdir() if x.is_dir())) or 'none'})")
+        raise CheckpointError(
+            f"{d}: checkpoint tag {tag!r} does not exist (tags here: "
+            f"{', '.join(sorted(x.name for x in p.iterdir() if x.is_dir())) or 'none'})"
+        )
     return d
 
 
@@ -145,13 +150,19 @@ def run_dir_of(tag_dir: Path) -> Path | None:
     return run if (run / "config.yaml").is_file() else None
 
 
-def _zero12_params(world: int, partitions: list[list[torch.Tensor]], param_shapes: list[Mapping[str, Any]],
-                   paddings: list[list[int]] | None) -> dict[str, torch.Tensor]:
+def _zero12_params(
+    world: int,
+    partitions: list[list[torch.Tensor]],
+    param_shapes: list[Mapping[str, Any]],
+    paddings: list[list[int]] | None,
+) -> dict[str, torch.Tensor]:
     """ZeRO-1/2 (and bf16 optimizer): group i is the concatenation of every rank's partition i."""
     out: dict[str, torch.Tensor] = {}
     if any(len(parts) != len(param_shapes) for parts in partitions):
-        raise CheckpointError(f"the optimizer shards hold {[len(p) for p in partitions]} param groups, the model "
-                              f"states {len(param_shapes)}: the shards come from different runs or checkpoints")
+        raise CheckpointError(
+            f"the optimizer shards hold {[len(p) for p in partitions]} param groups, the model "
+            f"states {len(param_shapes)}: the shards come from different runs or checkpoints"
+        )
     align = 2 * world  # ZeRO-1/2 pads each flat group to a multiple of 2 x world size
     for gi, shapes in enumerate(param_shapes):
         flat = torch.cat([parts[gi].reshape(-1) for parts in partitions])
@@ -159,35 +170,44 @@ def _zero12_params(world: int, partitions: list[list[torch.Tensor]], param_shape
         for pi, (name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
             if offset + n > flat.numel():
-                raise CheckpointError(f"param group {gi} holds {flat.numel()} values, too few for {name}: the shards "
-                                      "come from different runs or checkpoints")
-            out[name] = flat[offset:offset + n].reshape(tuple(shape)).float().clone()
+                raise CheckpointError(
+                    f"param group {gi} holds {flat.numel()} values, too few for {name}: the shards "
+                    "come from different runs or checkpoints"
+                )
+            out[name] = flat[offset : offset + n].reshape(tuple(shape)).float().clone()
             offset += n + (int(paddings[gi][pi]) if paddings is not None else 0)
         if math.ceil(offset / align) != math.ceil(flat.numel() / align):
-            raise CheckpointError(f"param group {gi}: {flat.numel()} values for {offset} expected; the shards come "
-                                  "from different runs or checkpoints")
+            raise CheckpointError(
+                f"param group {gi}: {flat.numel()} values for {offset} expected; the shards come "
+                "from different runs or checkpoints"
+            )
     return out
 
 
-def _zero3_params(world: int, partitions: list[list[torch.Tensor]],
-                  param_shapes: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+def _zero3_params(
+    world: int, partitions: list[list[torch.Tensor]], param_shapes: list[Mapping[str, Any]]
+) -> dict[str, torch.Tensor]:
     """ZeRO-3: every param is split on its own into ``ceil(numel / world)`` values per rank."""
     flats = [torch.cat([t.reshape(-1) for t in parts]) for parts in partitions]
     if len({f.numel() for f in flats}) != 1:
-        raise CheckpointError(f"the ranks' fp32 partitions differ in size ({[f.numel() for f in flats]}): the shards "
-                              "come from different runs or checkpoints")
+        raise CheckpointError(
+            f"the ranks' fp32 partitions differ in size ({[f.numel() for f in flats]}): the shards "
+            "come from different runs or checkpoints"
+        )
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for shapes in param_shapes:
         for name, shape in shapes.items():
             n = math.prod(shape)
             part = math.ceil(n / world)
-            full = torch.cat([f[offset:offset + part] for f in flats])[:n]
+            full = torch.cat([f[offset : offset + part] for f in flats])[:n]
             out[name] = full.reshape(tuple(shape)).float().clone()
             offset += part
     if offset != flats[0].numel():
-        raise CheckpointError(f"consumed {offset} of {flats[0].numel()} values per rank: the shards come from "
-                              "different runs or checkpoints")
+        raise CheckpointError(
+            f"consumed {offset} of {flats[0].numel()} values per rank: the shards come from "
+            "different runs or checkpoints"
+        )
     return out
 
 
@@ -220,8 +240,12 @@ def read_zero_checkpoint(path: str | Path, *, tag: str | None = None, unverified
     """
     d = resolve_checkpoint(path, tag)
     if unverified and not (d / MANIFEST_NAME).is_file():
-        log.warning("%s has no %s (written before mosa_scale wrote manifests): reading it unverified, weights-only; "
-                    "damage that leaves its files loadable cannot be detected", d, MANIFEST_NAME)
+        log.warning(
+            "%s has no %s (written before mosa_scale wrote manifests): reading it unverified, weights-only; "
+            "damage that leaves its files loadable cannot be detected",
+            d,
+            MANIFEST_NAME,
+        )
     else:
         verify_tag(d)  # sizes and sha256 of every file, before anything is unpickled
     model_files = sorted(d.glob("*_model_states.pt"), key=_natural)
@@ -235,8 +259,11 @@ def read_zero_checkpoint(path: str | Path, *, tag: str | None = None, unverified
     world = int(main.get("dp_world_size", 1))
     bf16 = bool((ds_config.get("bf16") or {}).get("enabled"))
     ranks = range(world)
-    want = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks] if stage == 3 else \
-        ["mp_rank_00_model_states.pt"]
+    want = (
+        [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks]
+        if stage == 3
+        else ["mp_rank_00_model_states.pt"]
+    )
     if stage >= 1 or bf16:  # bf16 at stage 0 keeps fp32 masters in the same layout as ZeRO-1/2
         want += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
     missing = [f for f in want if not (d / f).is_file()]
@@ -244,10 +271,14 @@ def read_zero_checkpoint(path: str | Path, *, tag: str | None = None, unverified
         raise CheckpointError(
             f"{d}: written by {world} rank(s) under ZeRO-{stage}, but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} missing: a rank did not finish writing or a file was lost; "
-            f"copy the missing file(s), or use an earlier tag in {d.parent}")
+            f"copy the missing file(s), or use an earlier tag in {d.parent}"
+        )
     buffer_names = list(main.get("buffer_names") or [])
-    buffers = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-               for k, v in main["module"].items() if k in buffer_names}
+    buffers = {
+        k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+        for k, v in main["module"].items()
+        if k in buffer_names
+    }
     param_shapes = main.get("param_shapes")
     if isinstance(param_shapes, Mapping):
         param_shapes = [param_shapes]
@@ -262,30 +293,45 @@ def read_zero_checkpoint(path: str | Path, *, tag: str | None = None, unverified
         osds = [s.get("optimizer_state_dict") if isinstance(s, dict) else None for s in shards]
         if any(o is None for o in osds):
             raise CheckpointError(f"{d}: an optimizer-states file has no 'optimizer_state_dict'")
-        counts = {max(c) if isinstance(c, list) else int(c) for o in osds
-                  for c in [o.get("partition_count", world)]}
+        counts = {max(c) if isinstance(c, list) else int(c) for o in osds for c in [o.get("partition_count", world)]}
         if counts != {world}:
-            raise CheckpointError(f"{d}: the optimizer shards were partitioned over {sorted(counts)} ranks but the "
-                                  f"model states say {world}: the files come from different runs")
+            raise CheckpointError(
+                f"{d}: the optimizer shards were partitioned over {sorted(counts)} ranks but the "
+                f"model states say {world}: the files come from different runs"
+            )
         if "fp32_flat_groups" in osds[0]:
             params = _zero3_params(world, [o["fp32_flat_groups"] for o in osds], param_shapes)
             group_steps = _group_steps(osds[0].get("optimizer_state_dict"))
         else:
-            params = _zero12_params(world, [o["single_partition_of_fp32_groups"] for o in osds], param_shapes,
-                                    osds[0].get("param_alignment_paddings"))
+            params = _zero12_params(
+                world,
+                [o["single_partition_of_fp32_groups"] for o in osds],
+                param_shapes,
+                osds[0].get("param_alignment_paddings"),
+            )
             group_steps = _group_steps(osds[0].get("base_optimizer_state"))
     if stage == 3:  # buffers are saved by every rank: they must agree
         for f in model_files[1:]:
             other = load_weights_only(f)["module"]
-            differ = [k for k in buffers
-                      if k not in other or not torch.equal(other[k].to(buffers[k].dtype), buffers[k])]
+            differ = [
+                k for k in buffers if k not in other or not torch.equal(other[k].to(buffers[k].dtype), buffers[k])
+            ]
             if differ:
-                raise CheckpointError(f"{f}: buffers {differ[:3]} differ from rank 0's: the files come from different "
-                                      "runs or checkpoints")
+                raise CheckpointError(
+                    f"{f}: buffers {differ[:3]} differ from rank 0's: the files come from different runs or checkpoints"
+                )
     step = main.get("step", main.get("global_steps"))
-    return ZeroCheckpoint(path=d, stage=stage, world_size=world, params=params, buffers=buffers,
-                          step=None if step is None else int(step), router=main.get("router"),
-                          group_steps=group_steps, files={f.name: f.stat().st_size for f in sorted(d.iterdir())})
+    return ZeroCheckpoint(
+        path=d,
+        stage=stage,
+        world_size=world,
+        params=params,
+        buffers=buffers,
+        step=None if step is None else int(step),
+        router=main.get("router"),
+        group_steps=group_steps,
+        files={f.name: f.stat().st_size for f in sorted(d.iterdir())},
+    )
 
 
 def refuse_legacy_layout(tag_dir: str | Path) -> None:
@@ -308,7 +354,8 @@ def refuse_legacy_layout(tag_dir: str | Path) -> None:
             f"slice ({len(legacy)} MoSA layers, e.g. {legacy[0]}); this version cannot resume it. Its adapter is "
             "still readable: `python tools/merge_adapter.py RUN_DIR --out DIR --unverified` writes the merged adapter "
             "(it predates checkpoint manifests); start a new "
-            "run directory to train again")
+            "run directory to train again"
+        )
 
 
 # ---------------------------------------------------------------------------- checks
@@ -333,8 +380,13 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_differences(reference: RunConfig, given: RunConfig, *, fields: Sequence[str] = ADAPTER_DEFINING,
-                       names: tuple[str, str] = ("run", "given")) -> list[str]:
+def config_differences(
+    reference: RunConfig,
+    given: RunConfig,
+    *,
+    fields: Sequence[str] = ADAPTER_DEFINING,
+    names: tuple[str, str] = ("run", "given"),
+) -> list[str]:
     """Differences between two run configs in the fields that decide the adapter's tensors."""
     a, b = _flatten(to_plain(reference)), _flatten(to_plain(given))
     keys = sorted(k for k in set(a) | set(b) if any(k == f or k.startswith(f + ".") for f in fields))
@@ -347,7 +399,7 @@ def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> 
     a = cfg.adapter
     out = []
     for p in layer_prefixes(state):
-        name = p[len(TOWER_PREFIX):] if p.startswith(TOWER_PREFIX) else p
+        name = p[len(TOWER_PREFIX) :] if p.startswith(TOWER_PREFIX) else p
         try:
             layer = read_layer(state, p)
         except (KeyError, ValueError) as e:
@@ -365,8 +417,10 @@ def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> 
             continue
         if not torch.equal(saved.to(expected.dtype), expected):
             bad = int((saved.to(expected.dtype) != expected).sum())
-            out.append(f"{p}: partition differs in {bad} of {expected.numel()} entries from the one adapter.seed="
-                       f"{a.seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)")
+            out.append(
+                f"{p}: partition differs in {bad} of {expected.numel()} entries from the one adapter.seed="
+                f"{a.seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)"
+            )
         has_split_bias = layer.bias_assign is not None
         if has_split_bias != a.split_bias and layer.biases is not None:
             out.append(f"{p}: adapter.split_bias: config {a.split_bias}, checkpoint {has_split_bias}")
@@ -393,11 +447,16 @@ def structure_differences(expected: Mapping[str, tuple[int, ...]], actual: Mappi
     if set(a) - set(e):
         extra = _describe_keys(list(set(a) - set(e)))
         out.append(f"the checkpoint has adapter tensors the config does not give: {extra}")
-    shaped = [f"{k} config {tuple(e[k])} vs checkpoint {tuple(a[k])}" for k in sorted(set(e) & set(a))
-              if tuple(e[k]) != tuple(a[k])]
+    shaped = [
+        f"{k} config {tuple(e[k])} vs checkpoint {tuple(a[k])}"
+        for k in sorted(set(e) & set(a))
+        if tuple(e[k]) != tuple(a[k])
+    ]
     if shaped:
-        out.append(f"{len(shaped)} tensor shape(s) differ (adapter.bottleneck / num_experts / backbone?): "
-                   + "; ".join(shaped[:4]))
+        out.append(
+            f"{len(shaped)} tensor shape(s) differ (adapter.bottleneck / num_experts / backbone?): "
+            + "; ".join(shaped[:4])
+        )
     return out
 
 
@@ -451,8 +510,9 @@ def build_skeleton(cfg: RunConfig, num_classes: int) -> Skeleton | None:
     return Skeleton(shapes=shapes, backbone_name=backbone.name)
 
 
-def check_checkpoint(ckpt: ZeroCheckpoint, cfg: RunConfig, *, run_cfg: RunConfig | None = None,
-                     skeleton: Skeleton | None = None) -> None:
+def check_checkpoint(
+    ckpt: ZeroCheckpoint, cfg: RunConfig, *, run_cfg: RunConfig | None = None, skeleton: Skeleton | None = None
+) -> None:
     """Refuses a checkpoint that does not match ``cfg``, naming every difference at once.
 
     Args:
@@ -483,8 +543,9 @@ def check_checkpoint(ckpt: ZeroCheckpoint, cfg: RunConfig, *, run_cfg: RunConfig
 
 
 # ---------------------------------------------------------------------------- writing
-def write_adapters_atomically(out_dir: str | Path,
-                              items: Sequence[tuple[str, Mapping[str, torch.Tensor], Mapping[str, Any]]]) -> list[Path]:
+def write_adapters_atomically(
+    out_dir: str | Path, items: Sequence[tuple[str, Mapping[str, torch.Tensor], Mapping[str, Any]]]
+) -> list[Path]:
     """Writes adapter directories (``(subdir, state, manifest)``, subdir "" = ``out_dir``) so that no
     partial file is ever left: everything is written and read back (checksums) in a temporary
     folder inside ``out_dir``, then moved in with ``os.replace``; on any error the temporary
@@ -520,8 +581,15 @@ class ConsolidationResult:
     skeleton_checked: bool
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path, *, config: str | Path | None = None,
-                tag: str | None = None, unmerged: bool = False, unverified: bool = False) -> ConsolidationResult:
+def consolidate(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    config: str | Path | None = None,
+    tag: str | None = None,
+    unmerged: bool = False,
+    unverified: bool = False,
+) -> ConsolidationResult:
     """Checkpoint -> checked, merged adapter in ``out_dir`` (plus ``out_dir/unmerged`` if asked).
 
     Args:
@@ -542,37 +610,56 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, *, config: str | Pa
     run = run_dir_of(ckpt.path)
     run_cfg = load_config_file(run / "config.yaml") if run is not None else None
     if config is None and run_cfg is None:
-        raise CheckpointError(f"{ckpt.path}: no config.yaml in the run directory above it; pass --config FILE.yaml "
-                              "(the run config it was trained with)")
+        raise CheckpointError(
+            f"{ckpt.path}: no config.yaml in the run directory above it; pass --config FILE.yaml "
+            "(the run config it was trained with)"
+        )
     cfg = load_config_file(config) if config is not None else run_cfg
     assert cfg is not None
     state = ckpt.trained_state()
     head = state.get(f"{HEAD_PREFIX}weight")
     num_classes = int(head.shape[0]) if head is not None else cfg.data.num_classes
     if num_classes is None:
-        raise CheckpointError("the number of classes is unknown: the checkpoint has no linear head; "
-                              "set data.num_classes")
+        raise CheckpointError(
+            "the number of classes is unknown: the checkpoint has no linear head; set data.num_classes"
+        )
     skeleton = build_skeleton(cfg, num_classes)
     if skeleton is None:
-        log.warning("backbone %s is not available here: the structure check is skipped (partition, routing and "
-                    "config checks still run)", cfg.model.pretrained)
+        log.warning(
+            "backbone %s is not available here: the structure check is skipped (partition, routing and "
+            "config checks still run)",
+            cfg.model.pretrained,
+        )
     check_checkpoint(ckpt, cfg, run_cfg=run_cfg if config is not None else None, skeleton=skeleton)
     merged = merge_state_dict(state)
     family = cfg.model.family
     source = cfg.model.pretrained or "random"
     if family != "openclip" and cfg.model.pretrained is not None:
         source = str(Path(cfg.model.pretrained).expanduser())
-    manifest = {"config": to_plain(cfg),
-                "backbone": {"name": skeleton.backbone_name if skeleton else family, "source": source,
-                             "family": family},
-                "num_classes": num_classes, "step": ckpt.step,
-                "checkpoint": {"tag": ckpt.path.name, "zero_stage": ckpt.stage, "world_size": ckpt.world_size}}
+    manifest = {
+        "config": to_plain(cfg),
+        "backbone": {"name": skeleton.backbone_name if skeleton else family, "source": source, "family": family},
+        "num_classes": num_classes,
+        "step": ckpt.step,
+        "checkpoint": {"tag": ckpt.path.name, "zero_stage": ckpt.stage, "world_size": ckpt.world_size},
+    }
     items: list[tuple[str, Mapping[str, torch.Tensor], Mapping[str, Any]]] = [
-        ("", merged, {**manifest, "format": "merged"})]
+        ("", merged, {**manifest, "format": "merged"})
+    ]
     if unmerged:
         items.append(("unmerged", state, {**manifest, "format": "unmerged"}))
     dirs = write_adapters_atomically(out_dir, items)
-    log.info("merged adapter of %s (ZeRO-%d, %d ranks, step %s) written to %s", ckpt.path, ckpt.stage,
-             ckpt.world_size, ckpt.step, dirs[0])
-    return ConsolidationResult(merged_dir=dirs[0], unmerged_dir=dirs[1] if unmerged else None, checkpoint=ckpt,
-                               skeleton_checked=skeleton is not None)
+    log.info(
+        "merged adapter of %s (ZeRO-%d, %d ranks, step %s) written to %s",
+        ckpt.path,
+        ckpt.stage,
+        ckpt.world_size,
+        ckpt.step,
+        dirs[0],
+    )
+    return ConsolidationResult(
+        merged_dir=dirs[0],
+        unmerged_dir=dirs[1] if unmerged else None,
+        checkpoint=ckpt,
+        skeleton_checked=skeleton is not None,
+    )

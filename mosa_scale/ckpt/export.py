@@ -58,15 +58,18 @@ def load_merged(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     """
     state, manifest = read_adapter(adapter_dir)
     if manifest.get("format") == "unmerged" or any(_MOSA_TENSOR.search(k) for k in state):
-        raise ValueError(f"{adapter_dir}: an unmerged MoSA state; merge it first "
-                         "(tools/merge_adapter.py CHECKPOINT --out DIR), then use DIR")
+        raise ValueError(
+            f"{adapter_dir}: an unmerged MoSA state; merge it first "
+            "(tools/merge_adapter.py CHECKPOINT --out DIR), then use DIR"
+        )
     if not isinstance(manifest.get("config"), dict):
         raise AdapterFileError(f"{Path(adapter_dir) / MANIFEST}: has no run 'config'; not a mosa_scale adapter")
     return state, manifest, run_config_from_plain(manifest["config"])
 
 
-def expected_shapes(cfg: RunConfig, num_classes: int,
-                    hf_config: Mapping[str, Any] | None = None) -> dict[str, tuple[int, ...]] | None:
+def expected_shapes(
+    cfg: RunConfig, num_classes: int, hf_config: Mapping[str, Any] | None = None
+) -> dict[str, tuple[int, ...]] | None:
     """The merged (dense) adapter tensors and head weight ``cfg`` builds, from a meta-device
     skeleton (nothing allocated); None when the backbone's architecture is not known here."""
     sk = skeleton_config(cfg, hf_config)
@@ -76,12 +79,20 @@ def expected_shapes(cfg: RunConfig, num_classes: int,
     sk = dataclasses.replace(sk, adapter=dense, head=HeadConfig())  # a zero-shot head has the same weight shape
     with torch.device("meta"):  # the adapters' and head's init draws too: shapes only, whatever the sizes
         model, _, _ = build_model(sk, None, num_classes=num_classes, meta=True)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if is_adapter_name(k) and (not k.startswith(HEAD_PREFIX) or k == f"{HEAD_PREFIX}weight")}
+    return {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if is_adapter_name(k) and (not k.startswith(HEAD_PREFIX) or k == f"{HEAD_PREFIX}weight")
+    }
 
 
-def check_fits(adapter_dir: str | Path, state: Mapping[str, torch.Tensor], manifest: Mapping[str, Any],
-               cfg: RunConfig, hf_config: Mapping[str, Any] | None = None) -> int:
+def check_fits(
+    adapter_dir: str | Path,
+    state: Mapping[str, torch.Tensor],
+    manifest: Mapping[str, Any],
+    cfg: RunConfig,
+    hf_config: Mapping[str, Any] | None = None,
+) -> int:
     """Checks a merged adapter's tensors against the model its manifest's config builds, on the meta
     device, before any module is allocated; returns the number of classes.
 
@@ -94,15 +105,19 @@ def check_fits(adapter_dir: str | Path, state: Mapping[str, torch.Tensor], manif
     expected = expected_shapes(cfg, num_classes, hf_config)
     if expected is None:
         return num_classes
-    have = {k: tuple(v.shape) for k, v in state.items()
-            if not k.startswith(HEAD_PREFIX) or k == f"{HEAD_PREFIX}weight"}
+    have = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(HEAD_PREFIX) or k == f"{HEAD_PREFIX}weight"}
     diffs = [f"{k}: missing" for k in sorted(set(expected) - set(have))]
     diffs += [f"{k}: not built by its config" for k in sorted(set(have) - set(expected))]
-    diffs += [f"{k}: {have[k]} in the file, {expected[k]} from its config" for k in sorted(set(have) & set(expected))
-              if have[k] != expected[k]]
+    diffs += [
+        f"{k}: {have[k]} in the file, {expected[k]} from its config"
+        for k in sorted(set(have) & set(expected))
+        if have[k] != expected[k]
+    ]
     if diffs:
-        raise AdapterFileError(f"{adapter_dir}: the tensors do not fit the model its adapter_config.json builds "
-                               f"({len(diffs)} difference(s)): " + "; ".join(diffs[:6]))
+        raise AdapterFileError(
+            f"{adapter_dir}: the tensors do not fit the model its adapter_config.json builds "
+            f"({len(diffs)} difference(s)): " + "; ".join(diffs[:6])
+        )
     return num_classes
 
 
@@ -128,13 +143,16 @@ def _path_mapper(model: nn.Module, prefix: str, probes: list[str]) -> Callable[[
             return mapper
         except AttributeError:
             continue
-    raise ValueError(f"{type(model).__name__} has no module {probes[0]!r} (nor {prefix}.{probes[0]!r}): pass the "
-                     "unmodified backbone the adapter was trained on (HF ViTModel / CLIPVisionModel, OpenCLIP visual "
-                     "tower or CLIP model, or mosa_scale's feature model)")
+    raise ValueError(
+        f"{type(model).__name__} has no module {probes[0]!r} (nor {prefix}.{probes[0]!r}): pass the "
+        "unmodified backbone the adapter was trained on (HF ViTModel / CLIPVisionModel, OpenCLIP visual "
+        "tower or CLIP model, or mosa_scale's feature model)"
+    )
 
 
-def _atomic_files(out_dir: str | Path, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                  texts: Mapping[str, str]) -> Path:
+def _atomic_files(
+    out_dir: str | Path, tensors: Mapping[str, Mapping[str, torch.Tensor]], texts: Mapping[str, str]
+) -> Path:
     """Writes safetensors and JSON files into ``out_dir`` through temp files and ``os.replace``;
     on error no file of this call is left."""
     out = Path(out_dir)
@@ -142,8 +160,9 @@ def _atomic_files(out_dir: str | Path, tensors: Mapping[str, Mapping[str, torch.
     tmp = Path(tempfile.mkdtemp(prefix=".mosa-tmp-", dir=out))
     try:
         for name, t in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in t.items()}, str(tmp / name),
-                      metadata={"format": "pt"})
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in t.items()}, str(tmp / name), metadata={"format": "pt"}
+            )
         for name, text in texts.items():
             (tmp / name).write_text(text)
         for name in [*tensors, *texts]:
@@ -180,8 +199,10 @@ def lora_factors(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> list[LoRA
         ValueError: for another adapter method or an incomplete LoRA term.
     """
     if cfg.adapter.method != "lora":
-        raise ValueError(f"adapter.method is {cfg.adapter.method!r}, not 'lora': there is no LoRA term to export or "
-                         "fold; put the adapter into the backbone with attach_merged_adapter(backbone, adapter_dir)")
+        raise ValueError(
+            f"adapter.method is {cfg.adapter.method!r}, not 'lora': there is no LoRA term to export or "
+            "fold; put the adapter into the backbone with attach_merged_adapter(backbone, adapter_dir)"
+        )
     scale = 1.0 if cfg.adapter.scale is None else float(cfg.adapter.scale)
     out = []
     for key in sorted(state):
@@ -191,8 +212,9 @@ def lora_factors(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> list[LoRA
         b_key = key[: -len(".a.weight")] + ".b.weight"
         if b_key not in state:
             raise ValueError(f"LoRA term {key} has no {b_key}")
-        out.append(LoRAFactors(path=m["path"], slot=m["slot"], a=state[key].float(), b=state[b_key].float(),
-                               scale=scale))
+        out.append(
+            LoRAFactors(path=m["path"], slot=m["slot"], a=state[key].float(), b=state[b_key].float(), scale=scale)
+        )
     if not out:
         raise ValueError("the adapter holds no LoRA factors (keys ending in mosa_lora.a.weight)")
     return out
@@ -205,10 +227,22 @@ def peft_lora_config(factors: list[LoRAFactors], *, base_model_name_or_path: str
         raise ValueError(f"LoRA ranks differ between projections ({sorted(ranks)}); PEFT export needs one rank")
     r = ranks.pop()
     alpha = factors[0].scale * r
-    return {"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
-            "target_modules": sorted(f.path for f in factors), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-            "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": base_model_name_or_path}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": r,
+        "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
+        "target_modules": sorted(f.path for f in factors),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
 
 
 def export_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
@@ -230,17 +264,20 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name
     state, manifest, cfg = load_merged(adapter_dir)
     factors = lora_factors(state, cfg)
     if any(f.slot is not None for f in factors) or cfg.model.family not in ("hf-vit", "hf-clip"):
-        raise ValueError(f"backbone family {cfg.model.family!r}: PEFT export targets the separate q/v projections of "
-                         "HF towers; fold the LoRA into the weights (fold_lora) or use attach_merged_adapter")
+        raise ValueError(
+            f"backbone family {cfg.model.family!r}: PEFT export targets the separate q/v projections of "
+            "HF towers; fold the LoRA into the weights (fold_lora) or use attach_merged_adapter"
+        )
     source = manifest.get("backbone", {}).get("source")
-    config = peft_lora_config(factors, base_model_name_or_path=base_model_name_or_path or (
-        None if source in (None, "random") else source))
+    config = peft_lora_config(
+        factors, base_model_name_or_path=base_model_name_or_path or (None if source in (None, "random") else source)
+    )
     tensors = {}
     for f in factors:
         tensors[f"base_model.model.{f.path}.lora_A.weight"] = f.a
         tensors[f"base_model.model.{f.path}.lora_B.weight"] = f.b
     files: dict[str, Mapping[str, torch.Tensor]] = {PEFT_WEIGHTS: tensors}
-    head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     if head:
         files[HEAD_WEIGHTS] = head
     out = _atomic_files(out_dir, files, {PEFT_CONFIG: json.dumps(config, indent=2, sort_keys=True)})
@@ -279,7 +316,7 @@ def fold_lora(model: nn.Module, adapter_dir: str | Path) -> list[str]:
         else:  # fused (3D, D) in-projection: q rows [0, D), v rows [2D, 3D)
             d = target.embed_dim
             start = 0 if f.slot == "q" else 2 * d
-            w, name = target.in_proj_weight[start:start + d], f"{mapper(f.path)}.in_proj_weight[{f.slot}]"
+            w, name = target.in_proj_weight[start : start + d], f"{mapper(f.path)}.in_proj_weight[{f.slot}]"
         if tuple(w.shape) != tuple(delta.shape):
             raise ValueError(f"{name}: shape {tuple(w.shape)}, LoRA term {tuple(delta.shape)}")
         w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
@@ -331,27 +368,43 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
     sites = build_backbone(sk.model, meta=True).sites  # relative to the feature model: "<prefix>.<path>"
     strip = len(prefix) + 1
     mapper = _path_mapper(model, prefix, [s.block[strip:] for s in sites])
-    sites = [dataclasses.replace(s, **{f.name: mapper(getattr(s, f.name)[strip:]) for f in dataclasses.fields(s)
-                                       if getattr(s, f.name) is not None}) for s in sites]
+    sites = [
+        dataclasses.replace(
+            s,
+            **{
+                f.name: mapper(getattr(s, f.name)[strip:])
+                for f in dataclasses.fields(s)
+                if getattr(s, f.name) is not None
+            },
+        )
+        for s in sites
+    ]
     width = stream_width(model, sites[0])
     dense = dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
     report: InjectionReport = inject_adapters(model, sites, dense, router=None, width=width)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     for row in report.rows:
         model.get_submodule(row["module"]).to(device)
-    tensors = {mapper(k[len(TOWER_PREFIX) + strip:]): v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
+    tensors = {mapper(k[len(TOWER_PREFIX) + strip :]): v for k, v in state.items() if k.startswith(TOWER_PREFIX)}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if is_adapter_name(k)]
     if missing or unexpected:
-        raise ValueError(f"{adapter_dir} does not fit the adapter its config builds: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}; the backbone differs from the one it was trained on")
-    head_state = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        raise ValueError(
+            f"{adapter_dir} does not fit the adapter its config builds: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}; the backbone differs from the one it was trained on"
+        )
+    head_state = {k[len(HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     if "weight" not in head_state:
         return None
     w = head_state["weight"]
     head_cls = ZeroShotHead if cfg.head.kind == "zeroshot" else nn.Linear
     head = head_cls(w.shape[1], w.shape[0], bias="bias" in head_state)
     head.load_state_dict(head_state)
-    log.info("attached %s adapter (%d modules) from %s; manifest step %s", cfg.adapter.method, len(report.rows),
-             adapter_dir, manifest.get("step"))
+    log.info(
+        "attached %s adapter (%d modules) from %s; manifest step %s",
+        cfg.adapter.method,
+        len(report.rows),
+        adapter_dir,
+        manifest.get("step"),
+    )
     return head.to(device)

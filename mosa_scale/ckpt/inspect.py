@@ -22,8 +22,10 @@ RANK_STATE = "rank*_state.pt"  # per-rank RNG + data position (numpy objects): l
 
 
 def tensor_table(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "numel": v.numel()}
-            for k, v in sorted(state.items())}
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""), "numel": v.numel()}
+        for k, v in sorted(state.items())
+    }
 
 
 def partition_stats(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -34,14 +36,18 @@ def partition_stats(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, An
         layer = read_layer(state, p)
         n = layer.num_experts
         sizes = torch.bincount(layer.assign.long(), minlength=n).tolist()
-        out[p] = {"experts": n, "dims": list(layer.dims), "entries": layer.assign.numel(),
-                  "entries_per_expert": sizes, "balanced": max(sizes) - min(sizes) <= 1,
-                  "slices_match_partition": layer.slices.numel() == sum(sizes),
-                  "decay": [float(x) for x in layer.decay],
-                  "steps": None if layer.steps is None else [int(x) for x in layer.steps],
-                  "bias": None if layer.biases is None else
-                  ("split" if layer.bias_assign is not None else "per-expert"),
-                  "w0": "zero" if layer.base.numel() == 0 else "stored"}
+        out[p] = {
+            "experts": n,
+            "dims": list(layer.dims),
+            "entries": layer.assign.numel(),
+            "entries_per_expert": sizes,
+            "balanced": max(sizes) - min(sizes) <= 1,
+            "slices_match_partition": layer.slices.numel() == sum(sizes),
+            "decay": [float(x) for x in layer.decay],
+            "steps": None if layer.steps is None else [int(x) for x in layer.steps],
+            "bias": None if layer.biases is None else ("split" if layer.bias_assign is not None else "per-expert"),
+            "w0": "zero" if layer.base.numel() == 0 else "stored",
+        }
     return out
 
 
@@ -60,8 +66,11 @@ def expert_activations(state: Mapping[str, torch.Tensor], group_steps: Mapping[s
 
 def _counts(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     floats = [v for v in state.values() if v.is_floating_point()]
-    return {"tensors": len(state), "float_values": sum(v.numel() for v in floats),
-            "head_values": sum(v.numel() for k, v in state.items() if k.startswith("mosa_head."))}
+    return {
+        "tensors": len(state),
+        "float_values": sum(v.numel() for v in floats),
+        "head_values": sum(v.numel() for k, v in state.items() if k.startswith("mosa_head.")),
+    }
 
 
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
@@ -71,11 +80,20 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     state, manifest = read_adapter(d)  # raises on a checksum mismatch
     cfg = manifest.get("config", {})
     fmt = manifest.get("format") or ("unmerged" if any(k.endswith(".assign") for k in state) else "merged")
-    return {"kind": "adapter", "path": str(d), "format": fmt, "checksums": "ok",
-            "method": cfg.get("adapter", {}).get("method"), "backbone": manifest.get("backbone"),
-            "num_classes": manifest.get("num_classes"), "step": manifest.get("step"),
-            "mosa_scale_version": manifest.get("mosa_scale_version"), "counts": _counts(state),
-            "partitions": partition_stats(state), "tensors": tensor_table(state)}
+    return {
+        "kind": "adapter",
+        "path": str(d),
+        "format": fmt,
+        "checksums": "ok",
+        "method": cfg.get("adapter", {}).get("method"),
+        "backbone": manifest.get("backbone"),
+        "num_classes": manifest.get("num_classes"),
+        "step": manifest.get("step"),
+        "mosa_scale_version": manifest.get("mosa_scale_version"),
+        "counts": _counts(state),
+        "partitions": partition_stats(state),
+        "tensors": tensor_table(state),
+    }
 
 
 def inspect_deepspeed(path: str | Path, tag: str | None = None, *, unverified: bool = False) -> dict[str, Any]:
@@ -83,13 +101,25 @@ def inspect_deepspeed(path: str | Path, tag: str | None = None, *, unverified: b
     (``unverified``: see :func:`~mosa_scale.ckpt.consolidate.read_zero_checkpoint`)."""
     ck = read_zero_checkpoint(path, tag=tag, unverified=unverified)
     state = ck.trained_state()
-    return {"kind": "deepspeed", "path": str(ck.path), "tag": ck.path.name, "zero_stage": ck.stage,
-            "world_size": ck.world_size, "step": ck.step, "router": ck.router, "files": ck.files,
-            "counts": {"trainable_values": sum(v.numel() for v in ck.params.values()),
-                       "trainable_tensors": len(ck.params), "buffer_tensors": len(ck.buffers),
-                       "head_values": sum(v.numel() for k, v in ck.params.items() if k.startswith("mosa_head."))},
-            "partitions": partition_stats(state), "expert_activations": expert_activations(state, ck.group_steps),
-            "tensors": tensor_table({**ck.buffers, **ck.params})}
+    return {
+        "kind": "deepspeed",
+        "path": str(ck.path),
+        "tag": ck.path.name,
+        "zero_stage": ck.stage,
+        "world_size": ck.world_size,
+        "step": ck.step,
+        "router": ck.router,
+        "files": ck.files,
+        "counts": {
+            "trainable_values": sum(v.numel() for v in ck.params.values()),
+            "trainable_tensors": len(ck.params),
+            "buffer_tensors": len(ck.buffers),
+            "head_values": sum(v.numel() for k, v in ck.params.items() if k.startswith("mosa_head.")),
+        },
+        "partitions": partition_stats(state),
+        "expert_activations": expert_activations(state, ck.group_steps),
+        "tensors": tensor_table({**ck.buffers, **ck.params}),
+    }
 
 
 def _tree(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
@@ -124,7 +154,11 @@ def inspect_path(path: str | Path, *, tag: str | None = None, unverified: bool =
         return inspect_adapter(p / "adapter")
     if p.is_file() and p.suffix == ".pt":
         if p.match(RANK_STATE):
-            return {"kind": "rank_state", "path": str(p), "bytes": p.stat().st_size,
-                    "note": "per-rank RNG and data position for resuming; not needed to consolidate or merge"}
+            return {
+                "kind": "rank_state",
+                "path": str(p),
+                "bytes": p.stat().st_size,
+                "note": "per-rank RNG and data position for resuming; not needed to consolidate or merge",
+            }
         return {"kind": "torch_file", "path": str(p), "bytes": p.stat().st_size, "entries": _tree(load_weights_only(p))}
     return inspect_deepspeed(p, tag=tag, unverified=unverified)

@@ -58,8 +58,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(tag_dir: str | Path, files: Mapping[str, Mapping[str, Any]], *, step: int, world_size: int,
-                   extra: Mapping[str, Any] | None = None) -> Path:
+def write_manifest(
+    tag_dir: str | Path,
+    files: Mapping[str, Mapping[str, Any]],
+    *,
+    step: int,
+    world_size: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Writes ``tag_dir/manifest.json`` atomically (temp file, fsync, rename, fsync of the folder).
 
     Args:
@@ -70,9 +76,15 @@ def write_manifest(tag_dir: str | Path, files: Mapping[str, Mapping[str, Any]], 
         extra: More fields to record.
     """
     d = Path(tag_dir)
-    body = {"format": FORMAT, "tag": d.name, "step": int(step), "world_size": int(world_size),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(extra or {}),
-            "files": {k: dict(files[k]) for k in sorted(files)}}
+    body = {
+        "format": FORMAT,
+        "tag": d.name,
+        "step": int(step),
+        "world_size": int(world_size),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **dict(extra or {}),
+        "files": {k: dict(files[k]) for k in sorted(files)},
+    }
     tmp = d / f".{MANIFEST_NAME}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(body, f, indent=1, sort_keys=True)
@@ -92,18 +104,27 @@ def read_manifest(tag_dir: str | Path) -> dict[str, Any]:
     """
     path = Path(tag_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: checkpoint {Path(tag_dir).name!r} is incomplete (its save was "
-                              "interrupted) or was not written by this version of mosa_scale; use another tag")
+        raise CheckpointError(
+            f"{path} does not exist: checkpoint {Path(tag_dir).name!r} is incomplete (its save was "
+            "interrupted) or was not written by this version of mosa_scale; use another tag"
+        )
     try:
         body = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e}); the manifest is damaged") from e
     files = body.get("files") if isinstance(body, dict) else None
-    if body.get("format") != FORMAT or not isinstance(files, dict) or not isinstance(body.get("step"), int) or \
-            not all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
-                    for v in files.values()):
-        raise CheckpointError(f"{path}: not a {FORMAT} manifest (format, step, files with bytes and sha256); "
-                              "the manifest is damaged")
+    if (
+        body.get("format") != FORMAT
+        or not isinstance(files, dict)
+        or not isinstance(body.get("step"), int)
+        or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()
+        )
+    ):
+        raise CheckpointError(
+            f"{path}: not a {FORMAT} manifest (format, step, files with bytes and sha256); the manifest is damaged"
+        )
     return body
 
 
@@ -118,8 +139,11 @@ def manifest_step(tag_dir: str | Path) -> int | None:
 def unlisted_files(tag_dir: str | Path, manifest: Mapping[str, Any]) -> list[str]:
     """One line per file of the tag that its manifest does not list (DeepSpeed would read some)."""
     d = Path(tag_dir)
-    return [f"{d / n}: not listed in {MANIFEST_NAME} (added after the checkpoint was written); remove it"
-            for n in tag_files(d) if n not in manifest["files"]]
+    return [
+        f"{d / n}: not listed in {MANIFEST_NAME} (added after the checkpoint was written); remove it"
+        for n in tag_files(d)
+        if n not in manifest["files"]
+    ]
 
 
 def file_problems(tag_dir: str | Path, manifest: Mapping[str, Any], names: Sequence[str] | None = None) -> list[str]:
@@ -144,8 +168,7 @@ def file_problems(tag_dir: str | Path, manifest: Mapping[str, Any], names: Seque
             continue
         size = path.stat().st_size
         if size != want["bytes"]:
-            out.append(f"{path}: {size} bytes, the manifest records {want['bytes']}: the file is truncated or "
-                       "damaged")
+            out.append(f"{path}: {size} bytes, the manifest records {want['bytes']}: the file is truncated or damaged")
             continue
         if file_digest(path)["sha256"] != want["sha256"]:
             out.append(f"{path}: sha256 differs from the manifest's: the file is damaged or altered")
@@ -167,8 +190,11 @@ def verify_tag(tag_dir: str | Path) -> dict[str, Any]:
 
 def refusal(tag_dir: str | Path, problems: Sequence[str]) -> str:
     """One message for a refused tag, one line per problem."""
-    lines = [f"checkpoint {tag_dir} is refused ({len(problems)} problem(s)):", *(f"  - {p}" for p in problems),
-             "copy the files again, or use an earlier tag"]
+    lines = [
+        f"checkpoint {tag_dir} is refused ({len(problems)} problem(s)):",
+        *(f"  - {p}" for p in problems),
+        "copy the files again, or use an earlier tag",
+    ]
     return "\n".join(lines)
 
 

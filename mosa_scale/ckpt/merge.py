@@ -32,8 +32,15 @@ def merge_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     consumed: set[str] = set()
     for p in layer_prefixes(state):
         layer = read_layer(state, p)
-        weight, bias = merged_weight_and_bias(layer.slices, layer.biases, base=layer.base, assign=layer.assign,
-                                              decay=layer.decay, dims=layer.dims, bias_assign=layer.bias_assign)
+        weight, bias = merged_weight_and_bias(
+            layer.slices,
+            layer.biases,
+            base=layer.base,
+            assign=layer.assign,
+            decay=layer.decay,
+            dims=layer.dims,
+            bias_assign=layer.bias_assign,
+        )
         out[f"{p}.weight"] = weight
         if bias is not None:
             out[f"{p}.bias"] = bias

@@ -59,7 +59,8 @@ DEEPSPEED_TYPES: tuple[str, ...] = (
 
 # (stand-in, the pickled global it replaces), one per allowed DeepSpeed type
 DEEPSPEED_STAND_INS: list[tuple[Any, str]] = [
-    (_enum_value if name.endswith("ZeroStageEnum") else DeepSpeedObject, name) for name in DEEPSPEED_TYPES]
+    (_enum_value if name.endswith("ZeroStageEnum") else DeepSpeedObject, name) for name in DEEPSPEED_TYPES
+]
 
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
@@ -68,13 +69,17 @@ def refusal_message(path: str | Path, error: pickle.UnpicklingError) -> str:
     """The message for a file torch's weights-only unpickler refused, naming the offending global."""
     found = _GLOBAL.search(str(error))
     if found:
-        what = f"it holds the pickled global {found.group(1)!r}, which is not a tensor, a plain container or one " \
-               f"of the allowed DeepSpeed types ({', '.join(n.rsplit('.', 1)[1] for n in DEEPSPEED_TYPES)})"
+        what = (
+            f"it holds the pickled global {found.group(1)!r}, which is not a tensor, a plain container or one "
+            f"of the allowed DeepSpeed types ({', '.join(n.rsplit('.', 1)[1] for n in DEEPSPEED_TYPES)})"
+        )
     else:
         line = next((s.strip() for s in str(error).splitlines() if "error" in s.lower()), str(error).strip())
         what = f"the weights-only unpickler refused it ({line[:300]})"
-    return (f"{path}: refused without running anything from it: {what}. Files written by mosa_scale never hold "
-            "one: this file was altered or comes from elsewhere; use another checkpoint tag")
+    return (
+        f"{path}: refused without running anything from it: {what}. Files written by mosa_scale never hold "
+        "one: this file was altered or comes from elsewhere; use another checkpoint tag"
+    )
 
 
 def load_weights_only(path: str | Path, *, stand_ins: bool = True, mmap: bool = False) -> Any:
@@ -94,13 +99,14 @@ def load_weights_only(path: str | Path, *, stand_ins: bool = True, mmap: bool = 
     path = Path(path)
     try:
         with torch.serialization.safe_globals(DEEPSPEED_STAND_INS if stand_ins else []):
-            return torch.load(path, map_location="cpu", weights_only=True,
-                              mmap=mmap and zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise CheckpointError(refusal_message(path, e)) from e
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:200]}); the file is truncated "
-                              "or damaged: copy it again, or use an earlier checkpoint tag") from e
+        raise CheckpointError(
+            f"{path}: cannot be read ({type(e).__name__}: {str(e)[:200]}); the file is truncated "
+            "or damaged: copy it again, or use an earlier checkpoint tag"
+        ) from e
 
 
 def check_loadable(path: str | Path) -> None:

@@ -21,8 +21,16 @@ from mosa_scale.data.config import DataConfig, check_data_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # settings whose one home is the run config; a ds_configs file must not carry them
-RUN_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+RUN_OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+)
 
 
 @dataclass(frozen=True)
@@ -145,13 +153,24 @@ def check_run(cfg: RunConfig, world_size: int, p: Problems, *, files: bool = Tru
 
 
 def _check_batches(t: TrainConfig, world_size: int, p: Problems) -> None:
-    for name in ("steps", "global_batch", "micro_batch", "eval_every", "checkpoint_every", "keep_checkpoints",
-                 "log_every", "max_bad_steps"):
+    for name in (
+        "steps",
+        "global_batch",
+        "micro_batch",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "max_bad_steps",
+    ):
         if getattr(t, name) <= 0:
             p.add(f"train.{name}", f"got {getattr(t, name)}; must be > 0")
     if t.micro_batch > 0 and t.global_batch > 0 and t.global_batch % (t.micro_batch * world_size):
-        p.add("train.global_batch", f"{t.global_batch} is not micro_batch ({t.micro_batch}) x accumulation x "
-              f"world size ({world_size}) for any whole accumulation; use a multiple of {t.micro_batch * world_size}")
+        p.add(
+            "train.global_batch",
+            f"{t.global_batch} is not micro_batch ({t.micro_batch}) x accumulation x "
+            f"world size ({world_size}) for any whole accumulation; use a multiple of {t.micro_batch * world_size}",
+        )
 
 
 def _check_zero_config(value: str, p: Problems) -> None:
@@ -170,8 +189,11 @@ def _check_zero_config(value: str, p: Problems) -> None:
         return
     for key in RUN_OWNED:
         if key in ds:
-            p.add("train.zero_config", f"file {str(path)!r} sets {key}={json.dumps(ds[key])}; it comes from the run "
-                  "config (train.*, optim.clip_grad): remove it from the DeepSpeed file")
+            p.add(
+                "train.zero_config",
+                f"file {str(path)!r} sets {key}={json.dumps(ds[key])}; it comes from the run "
+                "config (train.*, optim.clip_grad): remove it from the DeepSpeed file",
+            )
 
 
 def _openclip_config_names() -> list[str] | None:
@@ -189,8 +211,11 @@ def _check_backbone_files(m: BackboneConfig, p: Problems) -> None:
         names = _openclip_config_names()
         if names is not None and m.name not in names:
             close = difflib.get_close_matches(m.name, names, n=3)
-            p.add("model.name", f"got {m.name!r}; not an OpenCLIP model (did you mean {', '.join(map(repr, close))}?); "
-                  "or give the architecture as model.openclip_cfg")
+            p.add(
+                "model.name",
+                f"got {m.name!r}; not an OpenCLIP model (did you mean {', '.join(map(repr, close))}?); "
+                "or give the architecture as model.openclip_cfg",
+            )
     if m.family != "openclip" and m.pretrained is not None:
         folder = Path(m.pretrained).expanduser()
         conf = folder / "config.json"
@@ -205,8 +230,9 @@ def _check_backbone_files(m: BackboneConfig, p: Problems) -> None:
                 p.add("model.pretrained", f"file {str(conf)!r} is not valid JSON ({e}); copy the model again")
 
 
-def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1,
-                    check_files: bool = True) -> RunConfig:
+def load_run_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, world_size: int = 1, check_files: bool = True
+) -> RunConfig:
     """Loads, overrides, type-checks and validates a run config.
 
     Args:

@@ -24,8 +24,18 @@ __all__ = [
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 BUILTIN_SETS = ("digits", "fashion-mnist")
 
 
@@ -62,8 +72,7 @@ def load_digits_images() -> ImageArrays:
 
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
-    return ImageArrays(images, digits.target.astype(np.int64),
-                       tuple(str(i) for i in range(10)), "digits")
+    return ImageArrays(images, digits.target.astype(np.int64), tuple(str(i) for i in range(10)), "digits")
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -85,7 +94,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape}, file holds {data.size} values")
@@ -101,7 +110,8 @@ def _fashion_files(root: str, subset: str) -> tuple[str, str]:
             raise MissingDatasetError(
                 f"Fashion-MNIST not found: no {stem}[.gz]. It comes from the Debian package "
                 f"{FASHION_MNIST_PACKAGE}: run `apt-get update && apt-get install -y "
-                f"{FASHION_MNIST_PACKAGE}` (it installs to {FASHION_MNIST_DIR})")
+                f"{FASHION_MNIST_PACKAGE}` (it installs to {FASHION_MNIST_DIR})"
+            )
         paths.append(found)
     return paths[0], paths[1]
 
@@ -135,12 +145,10 @@ def load_fashion_mnist(root: str = FASHION_MNIST_DIR) -> ImageArrays:
         image_path, label_path = _fashion_files(root, subset)
         x, y = read_idx(image_path), read_idx(label_path)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{image_path} / {label_path}: shapes {x.shape} and {y.shape} "
-                             f"do not pair up")
+            raise ValueError(f"{image_path} / {label_path}: shapes {x.shape} and {y.shape} do not pair up")
         images.append(x)
         labels.append(y.astype(np.int64))
-    return ImageArrays(np.concatenate(images), np.concatenate(labels), FASHION_MNIST_CLASSES,
-                       "fashion-mnist")
+    return ImageArrays(np.concatenate(images), np.concatenate(labels), FASHION_MNIST_CLASSES, "fashion-mnist")
 
 
 def load_builtin(name: str) -> ImageArrays:

@@ -39,7 +39,6 @@ class DataConfig:
     allow_unindexed: bool = False
 
 
-
 def _local(spec: str) -> bool:
     return not spec.startswith(BUILTIN) and "://" not in spec and not spec.startswith(("pipe:", "file:"))
 
@@ -51,7 +50,7 @@ def check_data_paths(d: DataConfig, p: Problems) -> None:
         if spec is None:
             continue
         if spec.startswith(BUILTIN):
-            if spec[len(BUILTIN):] not in BUILTIN_SETS:
+            if spec[len(BUILTIN) :] not in BUILTIN_SETS:
                 p.add(key, f"got {spec!r}; built-in sets are " + ", ".join(f"'{BUILTIN}{n}'" for n in BUILTIN_SETS))
             continue
         if not _local(spec):
@@ -62,14 +61,19 @@ def check_data_paths(d: DataConfig, p: Problems) -> None:
                 try:
                     classes = json.loads(index.read_text()).get("num_classes")
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-                    p.add(key, f"{spec!r}: file {str(index)!r} is not a readable shard index ({e}); write it again "
-                          "with tools/make_shards.py")
+                    p.add(
+                        key,
+                        f"{spec!r}: file {str(index)!r} is not a readable shard index ({e}); write it again "
+                        "with tools/make_shards.py",
+                    )
                     continue
                 if key == "data.train":
                     index_classes = classes
             elif not any(f.name.endswith((".tar", ".tar.gz", ".tgz")) for f in Path(spec).iterdir()):
-                p.add(key, f"folder {spec!r} holds no index.json and no .tar shards (write them with "
-                      "tools/make_shards.py)")
+                p.add(
+                    key,
+                    f"folder {spec!r} holds no index.json and no .tar shards (write them with tools/make_shards.py)",
+                )
             continue
         if "{" in spec or "::" in spec:
             from webdataset.shardlists import expand_urls
@@ -83,11 +87,20 @@ def check_data_paths(d: DataConfig, p: Problems) -> None:
             if gone:
                 p.add(key, f"{len(gone)} of the {len(files)} shard file(s) of {spec!r} do not exist, e.g. {gone[0]!r}")
         elif not os.path.isfile(spec):
-            p.add(key, f"{spec!r} does not exist (a shard folder, a .tar file, a brace pattern, pipe:... or "
-                  f"'{BUILTIN}digits')")
+            p.add(
+                key,
+                f"{spec!r} does not exist (a shard folder, a .tar file, a brace pattern, pipe:... or "
+                f"'{BUILTIN}digits')",
+            )
     if d.num_classes is None and not d.train.startswith(BUILTIN) and index_classes is None:
-        p.add("data.num_classes", f"not set, and data.train={d.train!r} is not a folder with an index.json to read "
-              "it from; set data.num_classes")
+        p.add(
+            "data.num_classes",
+            f"not set, and data.train={d.train!r} is not a folder with an index.json to read "
+            "it from; set data.num_classes",
+        )
     elif d.num_classes is not None and index_classes is not None and d.num_classes != index_classes:
-        p.add("data.num_classes", f"got {d.num_classes}, but {os.path.join(d.train, 'index.json')!r} lists "
-              f"{index_classes} classes; leave it unset or make them agree")
+        p.add(
+            "data.num_classes",
+            f"got {d.num_classes}, but {os.path.join(d.train, 'index.json')!r} lists "
+            f"{index_classes} classes; leave it unset or make them agree",
+        )

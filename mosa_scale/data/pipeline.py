@@ -47,10 +47,24 @@ Batch = dict[str, Any]
 class _EpochStream(IterableDataset):
     """Batches of one rank for one epoch; each dataloader worker plays one logical worker."""
 
-    def __init__(self, shards: ShardSet, plan: EpochPlan, *, skip: Sequence[int],
-                 first_worker: int, transform: ImageTransform, mean: Sequence[float],
-                 std: Sequence[float], batch_size: int, seed: int, epoch: int, rank: int,
-                 resampled: bool, buffer: int, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        shards: ShardSet,
+        plan: EpochPlan,
+        *,
+        skip: Sequence[int],
+        first_worker: int,
+        transform: ImageTransform,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        resampled: bool,
+        buffer: int,
+        num_classes: int | None = None,
+    ) -> None:
         super().__init__()
         self.shards, self.plan, self.skip = shards, plan, tuple(skip)
         self.first_worker, self.transform = first_worker, transform
@@ -64,8 +78,10 @@ class _EpochStream(IterableDataset):
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
         readers = len(self.plan.worker_batches)
         if count != readers:
-            raise RuntimeError(f"planned for {readers} reader(s) per rank but run by {count} "
-                               f"dataloader worker(s); iterate the StreamLoader, not its dataset")
+            raise RuntimeError(
+                f"planned for {readers} reader(s) per rank but run by {count} "
+                f"dataloader worker(s); iterate the StreamLoader, not its dataset"
+            )
         # Rotation: the DataLoader asks physical worker 0 first, which must be the logical
         # worker that delivers the next batch of the uninterrupted epoch.
         return self._batches((self.first_worker + physical) % readers)
@@ -96,8 +112,7 @@ class _EpochStream(IterableDataset):
                     counts.extra += 1
             yield self._collate(items, worker, index, counts.pop())
 
-    def _collate(self, items: list[dict[str, object]], worker: int, index: int,
-                 skipped: dict[str, int]) -> Batch:
+    def _collate(self, items: list[dict[str, object]], worker: int, index: int, skipped: dict[str, int]) -> Batch:
         size, side = self.batch_size, self.transform.size
         images = torch.zeros(size, 3, side, side, dtype=torch.uint8)  # (B, 3, H, W)
         labels = torch.full((size,), IGNORE_INDEX, dtype=torch.int64)  # (B,)
@@ -114,18 +129,23 @@ class _EpochStream(IterableDataset):
                 image = decode_image(sample)
             except CorruptSample as exn:
                 skipped["corrupt"] += 1
-                logger.warning("skipping sample %s of shard %s: %s", keys[j],
-                               sample["__url__"], exn)
+                logger.warning("skipping sample %s of shard %s: %s", keys[j], sample["__url__"], exn)
                 continue
             position = index * size + j  # position in this worker's stream: same on resume
-            rng = random.Random(mix_seed("augment", self.seed, self.epoch, self.rank, worker,
-                                         position))
+            rng = random.Random(mix_seed("augment", self.seed, self.epoch, self.rank, worker, position))
             images[j] = self.transform(image, rng)
             labels[j], valid[j] = label, True
         pixels = normalize(images, self.mean, self.std)  # (B, 3, H, W) uint8 -> float32
         pixels[~valid] = 0.0  # padding and corrupt slots hold zeros, not normalised black
-        return {"image": pixels, "label": labels, "key": keys, "valid": valid,
-                "skipped": skipped, "worker": worker, "worker_batch": index}
+        return {
+            "image": pixels,
+            "label": labels,
+            "key": keys,
+            "valid": valid,
+            "skipped": skipped,
+            "worker": worker,
+            "worker_batch": index,
+        }
 
 
 class StreamLoader:
@@ -137,8 +157,15 @@ class StreamLoader:
         shards: The resolved shards.
     """
 
-    def __init__(self, dataset: _EpochStream, *, num_workers: int, pin_memory: bool,
-                 start_batch: int, state: dict[str, int | str]) -> None:
+    def __init__(
+        self,
+        dataset: _EpochStream,
+        *,
+        num_workers: int,
+        pin_memory: bool,
+        start_batch: int,
+        state: dict[str, int | str],
+    ) -> None:
         self._dataset, self._num_workers, self._pin_memory = dataset, num_workers, pin_memory
         self.num_batches = dataset.plan.num_batches
         self.start_batch = start_batch
@@ -167,8 +194,9 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self._started:
-            raise RuntimeError("a StreamLoader is a single pass over one epoch; call "
-                               "build_loader again for the next epoch or pass")
+            raise RuntimeError(
+                "a StreamLoader is a single pass over one epoch; call build_loader again for the next epoch or pass"
+            )
         self._started = True
         return self._run()
 
@@ -179,17 +207,23 @@ class StreamLoader:
         next_index = list(ds.skip)
         # A generator of its own: DataLoader otherwise draws its base seed from the global RNG,
         # which would shift the trainer's dropout stream whenever a loader starts (breaking resume).
-        loader = DataLoader(ds, batch_size=None, num_workers=self._num_workers,
-                            pin_memory=self._pin_memory, in_order=True,
-                            prefetch_factor=2 if self._num_workers else None,
-                            generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self._num_workers,
+            pin_memory=self._pin_memory,
+            in_order=True,
+            prefetch_factor=2 if self._num_workers else None,
+            generator=torch.Generator().manual_seed(0),
+        )
         for batch in loader:
             n, worker = self._consumed, batch["worker"]
-            if n >= len(expected) or worker != expected[n] or \
-                    batch["worker_batch"] != next_index[worker]:
-                raise RuntimeError(f"batch {n} came from worker {worker} batch "
-                                   f"{batch['worker_batch']}, the plan expected another; the "
-                                   f"DataLoader must deliver in order (in_order=True)")
+            if n >= len(expected) or worker != expected[n] or batch["worker_batch"] != next_index[worker]:
+                raise RuntimeError(
+                    f"batch {n} came from worker {worker} batch "
+                    f"{batch['worker_batch']}, the plan expected another; the "
+                    f"DataLoader must deliver in order (in_order=True)"
+                )
             next_index[worker] += 1
             for key, value in batch["skipped"].items():
                 self._skipped[key] += value
@@ -201,8 +235,16 @@ class StreamLoader:
             logger.warning("epoch %s: skipped %s", self._state["epoch"], self._skipped)
 
 
-def _check_args(image_size: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                rank: int, world_size: int, num_workers: int, start_batch: int) -> None:
+def _check_args(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    start_batch: int,
+) -> None:
     errors = []
     if image_size <= 0:
         errors.append(f"image_size must be > 0, got {image_size}")
@@ -222,13 +264,26 @@ def _check_args(image_size: int, mean: Sequence[float], std: Sequence[float], ba
         raise ValueError("invalid loader arguments: " + "; ".join(errors))
 
 
-def build_loader(spec: DataSpec | str | Sequence[str], *, image_size: int,
-                 mean: Sequence[float], std: Sequence[float], train: bool, batch_size: int,
-                 rank: int, world_size: int, num_workers: int, seed: int, epoch: int,
-                 resampled: bool = False, start_batch: int = 0,
-                 resume: Mapping[str, int | str] | None = None,
-                 shards: ShardSet | None = None, pin_memory: bool = False,
-                 num_classes: int | None = None) -> StreamLoader:
+def build_loader(
+    spec: DataSpec | str | Sequence[str],
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    resampled: bool = False,
+    start_batch: int = 0,
+    resume: Mapping[str, int | str] | None = None,
+    shards: ShardSet | None = None,
+    pin_memory: bool = False,
+    num_classes: int | None = None,
+) -> StreamLoader:
     """Build the loader of one rank for one epoch.
 
     Every rank yields `num_batches` batches of exactly `batch_size` slots. Slots that hold no
@@ -277,27 +332,67 @@ def build_loader(spec: DataSpec | str | Sequence[str], *, image_size: int,
         spec = DataSpec(shards=spec if isinstance(spec, str) else tuple(spec))
     if shards is None:
         shards = resolve_shards(spec, count=not (resampled and spec.samples_per_epoch))
-    plan = plan_epoch(shards.sizes, num_shards=len(shards.urls), rank=rank,
-                      world_size=world_size, num_workers=num_workers, batch_size=batch_size,
-                      seed=seed, epoch=epoch, shuffle=train, resampled=resampled,
-                      samples_per_epoch=spec.samples_per_epoch or shards.num_samples)
-    state = make_state(epoch=epoch, batch=0, num_batches=plan.num_batches, seed=seed,
-                       world_size=world_size, num_workers=num_workers, batch_size=batch_size,
-                       resampled=resampled, train=train, shards=shards.fingerprint)
+    plan = plan_epoch(
+        shards.sizes,
+        num_shards=len(shards.urls),
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        shuffle=train,
+        resampled=resampled,
+        samples_per_epoch=spec.samples_per_epoch or shards.num_samples,
+    )
+    state = make_state(
+        epoch=epoch,
+        batch=0,
+        num_batches=plan.num_batches,
+        seed=seed,
+        world_size=world_size,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        resampled=resampled,
+        train=train,
+        shards=shards.fingerprint,
+    )
     if resume is not None:
         if start_batch:
             raise ValueError("pass either start_batch or resume, not both")
         start_batch = check_resume_state(resume, state)
     skip, first = resume_point(plan.worker_batches, start_batch)
-    transform = ImageTransform(size=image_size, train=train, crop_scale=spec.crop_scale,
-                               crop_ratio=spec.crop_ratio, hflip=spec.hflip,
-                               interpolation=spec.interpolation)
-    dataset = _EpochStream(shards, plan, skip=skip, first_worker=first, transform=transform,
-                           mean=mean, std=std, batch_size=batch_size, seed=seed, epoch=epoch,
-                           rank=rank, resampled=resampled,
-                           buffer=spec.shuffle_buffer if train else 0, num_classes=num_classes)
-    logger.info("rank %d epoch %d: %d shards, %d batches of %d%s", rank, epoch,
-                len(shards.urls), plan.num_batches, batch_size,
-                f", resuming at batch {start_batch}" if start_batch else "")
-    return StreamLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
-                        start_batch=start_batch, state=state)
+    transform = ImageTransform(
+        size=image_size,
+        train=train,
+        crop_scale=spec.crop_scale,
+        crop_ratio=spec.crop_ratio,
+        hflip=spec.hflip,
+        interpolation=spec.interpolation,
+    )
+    dataset = _EpochStream(
+        shards,
+        plan,
+        skip=skip,
+        first_worker=first,
+        transform=transform,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        resampled=resampled,
+        buffer=spec.shuffle_buffer if train else 0,
+        num_classes=num_classes,
+    )
+    logger.info(
+        "rank %d epoch %d: %d shards, %d batches of %d%s",
+        rank,
+        epoch,
+        len(shards.urls),
+        plan.num_batches,
+        batch_size,
+        f", resuming at batch {start_batch}" if start_batch else "",
+    )
+    return StreamLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, start_batch=start_batch, state=state)

@@ -75,8 +75,7 @@ class EpochPlan:
     worker_samples: tuple[int, ...] | None
 
 
-def _reader_shards(order: Sequence[int], rank: int, world_size: int, worker: int,
-                   num_workers: int) -> tuple[int, ...]:
+def _reader_shards(order: Sequence[int], rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, ...]:
     # Split by node, then by worker: reader (r, w) takes every (world*W)-th shard.
     return tuple(order[rank::world_size][worker::num_workers])
 
@@ -89,9 +88,20 @@ def _water_fill(counts: list[int], extra: int) -> list[int]:
     return counts
 
 
-def plan_epoch(shard_sizes: Sequence[int] | None, *, num_shards: int, rank: int,
-               world_size: int, num_workers: int, batch_size: int, seed: int, epoch: int,
-               shuffle: bool, resampled: bool, samples_per_epoch: int | None) -> EpochPlan:
+def plan_epoch(
+    shard_sizes: Sequence[int] | None,
+    *,
+    num_shards: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    resampled: bool,
+    samples_per_epoch: int | None,
+) -> EpochPlan:
     """Plan one epoch for one rank.
 
     Non-resampled: shards are ordered by `shard_order`, split over ranks then workers; each
@@ -124,8 +134,10 @@ def plan_epoch(shard_sizes: Sequence[int] | None, *, num_shards: int, rank: int,
     readers = max(1, num_workers)
     if resampled:
         if not samples_per_epoch or samples_per_epoch <= 0:
-            raise ValueError("resampled mode needs samples_per_epoch > 0 (set it in the data "
-                             "spec, or provide an index.json with sample counts)")
+            raise ValueError(
+                "resampled mode needs samples_per_epoch > 0 (set it in the data "
+                "spec, or provide an index.json with sample counts)"
+            )
         total = math.ceil(samples_per_epoch / (world_size * batch_size))
         per = tuple(total // readers + (1 if w < total % readers else 0) for w in range(readers))
         return EpochPlan(total, per, tuple(() for _ in range(readers)), None)
@@ -136,7 +148,8 @@ def plan_epoch(shard_sizes: Sequence[int] | None, *, num_shards: int, rank: int,
             f"{num_shards} shard(s) cannot feed {world_size} rank(s) x {readers} worker(s) = "
             f"{world_size * readers} readers without resampling: write more, smaller shards "
             f"(tools/make_shards.py --samples-per-shard), use fewer dataloader workers, or set "
-            f"resampled=True")
+            f"resampled=True"
+        )
     order = shard_order(num_shards, seed=seed, epoch=epoch, shuffle=shuffle)
     rank_counts: list[list[int]] = []
     mine: tuple[tuple[int, ...], ...] = ()

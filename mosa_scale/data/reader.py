@@ -18,8 +18,7 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples",
-           "shuffle_buffer"]
+__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples", "shuffle_buffer"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,17 +115,24 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
         counts.bad_shards += 1
         counts.missing += lost
         reason = f"read error: {error}" if error is not None else "ended early (truncated?)"
-        logger.warning("shard %s: %s; skipped the rest of the shard after %d samples"
-                       "%s", url, reason, yielded,
-                       f", {lost} of {expected} samples lost" if expected is not None else "")
+        logger.warning(
+            "shard %s: %s; skipped the rest of the shard after %d samples%s",
+            url,
+            reason,
+            yielded,
+            f", {lost} of {expected} samples lost" if expected is not None else "",
+        )
     if extra:
         counts.extra += extra
-        logger.warning("shard %s holds %d samples more than the %s of its index; they are not "
-                       "used (rewrite the index)", url, extra, expected)
+        logger.warning(
+            "shard %s holds %d samples more than the %s of its index; they are not used (rewrite the index)",
+            url,
+            extra,
+            expected,
+        )
 
 
-def sequential_samples(urls: Sequence[str], sizes: Sequence[int],
-                       counts: SkipCounts) -> Iterator[RawSample]:
+def sequential_samples(urls: Sequence[str], sizes: Sequence[int], counts: SkipCounts) -> Iterator[RawSample]:
     """Samples of the given shards in order.
 
     Args:
@@ -141,8 +147,9 @@ def sequential_samples(urls: Sequence[str], sizes: Sequence[int],
         yield from iter_shard(url, size, counts)
 
 
-def resampled_samples(urls: Sequence[str], sizes: Sequence[int] | None, rng: random.Random,
-                      counts: SkipCounts) -> Iterator[RawSample]:
+def resampled_samples(
+    urls: Sequence[str], sizes: Sequence[int] | None, rng: random.Random, counts: SkipCounts
+) -> Iterator[RawSample]:
     """Endless samples of shards drawn with replacement from `rng`.
 
     Stops (instead of spinning forever) when 2 x len(urls) draws in a row yield nothing.
@@ -164,12 +171,10 @@ def resampled_samples(urls: Sequence[str], sizes: Sequence[int] | None, rng: ran
             got += 1
             yield sample
         empty_draws = 0 if got else empty_draws + 1
-    logger.error("%d shard draws in a row gave no sample; this reader pads the rest of its "
-                 "epoch", empty_draws)
+    logger.error("%d shard draws in a row gave no sample; this reader pads the rest of its epoch", empty_draws)
 
 
-def shuffle_buffer(samples: Iterator[RawSample], size: int,
-                   rng: random.Random) -> Iterator[RawSample]:
+def shuffle_buffer(samples: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
     """Shuffle a stream with a buffer of `size` items (deterministic given `rng`).
 
     Args:

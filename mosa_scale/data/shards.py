@@ -95,10 +95,14 @@ def _read_file(path: str) -> tuple[bytes, str]:
             buf = io.BytesIO()
             image.save(buf, format="PNG")
     except _IMAGE_ERRORS as exn:
-        why = "its header is no known image format" if isinstance(exn, UnidentifiedImageError) else \
-            f"{type(exn).__name__}: {exn}"
-        raise SourceError(f"source file {path} cannot be read as an image ({why}); remove or replace it and "
-                          "run make_shards again") from exn
+        why = (
+            "its header is no known image format"
+            if isinstance(exn, UnidentifiedImageError)
+            else f"{type(exn).__name__}: {exn}"
+        )
+        raise SourceError(
+            f"source file {path} cannot be read as an image ({why}); remove or replace it and run make_shards again"
+        ) from exn
     return buf.getvalue(), "png"
 
 
@@ -125,14 +129,17 @@ def folder_source(root: str) -> ImageSource:
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"source folder {root} does not exist")
-    classes = sorted(d for d in os.listdir(root)
-                     if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected {root}/<class>/<image>")
     paths, labels, ignored = [], [], 0
     for label, name in enumerate(classes):
-        found = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, name))
-                       for f in files if not f.startswith("."))
+        found = sorted(
+            os.path.join(d, f)
+            for d, _, files in os.walk(os.path.join(root, name))
+            for f in files
+            if not f.startswith(".")
+        )
         images = [p for p in found if _is_image(p)]
         ignored += len(found) - len(images)
         if not images:
@@ -143,8 +150,9 @@ def folder_source(root: str) -> ImageSource:
         logger.warning("ignored %d files under %s that are not images", ignored, root)
     if not paths:
         raise ValueError(f"no images under {root}")
-    return ImageSource(root, tuple(classes), tuple(labels), lambda i: _read_file(paths[i]),
-                       lambda i: os.path.relpath(paths[i], root))
+    return ImageSource(
+        root, tuple(classes), tuple(labels), lambda i: _read_file(paths[i]), lambda i: os.path.relpath(paths[i], root)
+    )
 
 
 def csv_source(path: str) -> ImageSource:
@@ -200,12 +208,12 @@ def csv_source(path: str) -> ImageSource:
     else:
         classes = tuple(sorted(set(names)))
         labels = tuple(classes.index(n) for n in names)
-    return ImageSource(path, classes, labels, lambda i: _read_file(rows[i][0]),
-                       lambda i: os.path.relpath(rows[i][0], base))
+    return ImageSource(
+        path, classes, labels, lambda i: _read_file(rows[i][0]), lambda i: os.path.relpath(rows[i][0], base)
+    )
 
 
-def arrays_source(arrays: ImageArrays, *, size: int | None = None,
-                  image_format: str = "PNG") -> ImageSource:
+def arrays_source(arrays: ImageArrays, *, size: int | None = None, image_format: str = "PNG") -> ImageSource:
     """An in-memory set, each image encoded on demand.
 
     Args:
@@ -231,8 +239,9 @@ def arrays_source(arrays: ImageArrays, *, size: int | None = None,
         image.save(buf, format=image_format, **({"quality": 90} if field == "jpg" else {}))
         return buf.getvalue(), field
 
-    return ImageSource(arrays.name, arrays.classes, tuple(int(y) for y in arrays.labels), read,
-                       lambda i: f"{arrays.name}[{i}]")
+    return ImageSource(
+        arrays.name, arrays.classes, tuple(int(y) for y in arrays.labels), read, lambda i: f"{arrays.name}[{i}]"
+    )
 
 
 def open_source(source: str) -> ImageSource:
@@ -258,8 +267,7 @@ def open_source(source: str) -> ImageSource:
         return csv_source(source)
     if os.path.isdir(source):
         return folder_source(source)
-    raise FileNotFoundError(f"SOURCE {source!r} is neither a folder, a .csv file, nor one of "
-                            f"{', '.join(BUILTIN_SETS)}")
+    raise FileNotFoundError(f"SOURCE {source!r} is neither a folder, a .csv file, nor one of {', '.join(BUILTIN_SETS)}")
 
 
 def parse_splits(text: str) -> dict[str, float]:
@@ -279,8 +287,10 @@ def parse_splits(text: str) -> dict[str, float]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or not _SPLIT_NAME.match(name) or name in splits:
-            raise ValueError(f"bad split {part!r} in {text!r}: expected unique name=fraction "
-                             f"with names of letters, digits and _ (e.g. train=0.8,val=0.2)")
+            raise ValueError(
+                f"bad split {part!r} in {text!r}: expected unique name=fraction "
+                f"with names of letters, digits and _ (e.g. train=0.8,val=0.2)"
+            )
         try:
             fraction = float(value)
         except ValueError:
@@ -306,7 +316,7 @@ def split_sizes(num_samples: int, fractions: Mapping[str, float]) -> dict[str, i
     exact = {k: num_samples * f for k, f in fractions.items()}
     sizes = {k: math.floor(v) for k, v in exact.items()}
     by_remainder = sorted(fractions, key=lambda k: -(exact[k] - sizes[k]))
-    for k in by_remainder[:num_samples - sum(sizes.values())]:
+    for k in by_remainder[: num_samples - sum(sizes.values())]:
         sizes[k] += 1
     return sizes
 
@@ -354,8 +364,10 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         raise FileExistsError(f"--out {out} exists and is not a folder")
     entries = os.listdir(out) if os.path.isdir(out) else []
     if entries and not overwrite:
-        raise FileExistsError(f"--out {out} is not empty ({len(entries)} entries); pass "
-                              f"--overwrite (overwrite=True) to replace its shards and index")
+        raise FileExistsError(
+            f"--out {out} is not empty ({len(entries)} entries); pass "
+            f"--overwrite (overwrite=True) to replace its shards and index"
+        )
     for name in entries:
         if name in (INDEX_NAME, INDEX_NAME + ".tmp") or _OWN_FILE.match(name):
             os.remove(os.path.join(out, name))
@@ -382,13 +394,17 @@ class _SplitWriter:
         fields = {k: v for k, v in sample.items() if k != "__key__"}
         add = sample_tar_bytes(fields)
         full = self._writer is not None and (
-            self.counts[-1] >= self.max_samples
-            or _shard_file_bytes(self._payload + add) > self.max_bytes)
+            self.counts[-1] >= self.max_samples or _shard_file_bytes(self._payload + add) > self.max_bytes
+        )
         if self._writer is None or full:
             self._next()
         if _shard_file_bytes(add) > self.max_bytes:
-            logger.warning("sample %s alone needs %d bytes > max_shard_bytes=%d; written to its "
-                           "own shard", sample["__key__"], _shard_file_bytes(add), self.max_bytes)
+            logger.warning(
+                "sample %s alone needs %d bytes > max_shard_bytes=%d; written to its own shard",
+                sample["__key__"],
+                _shard_file_bytes(add),
+                self.max_bytes,
+            )
         self._writer.write(sample)
         self._payload += add
         self.counts[-1] += 1
@@ -425,10 +441,18 @@ class _SplitWriter:
             self._writer = None
 
 
-def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int = 1000,
-                max_shard_bytes: int | str = "1G", splits: str | Mapping[str, float] = "train=1",
-                seed: int = 0, overwrite: bool = False, limit: int | None = None,
-                progress: bool = True) -> dict:
+def make_shards(
+    source: str | ImageSource,
+    out: str,
+    *,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int | str = "1G",
+    splits: str | Mapping[str, float] = "train=1",
+    seed: int = 0,
+    overwrite: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Write `out/<split>-%06d.tar` shards and `out/index.json`.
 
     Args:
@@ -466,25 +490,37 @@ def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int =
     sizes = split_sizes(len(order), fractions)
     empty = [k for k, n in sizes.items() if n == 0]
     if empty:
-        raise ValueError(f"split(s) {empty} would get no sample out of {len(order)}; use more "
-                         f"data or larger fractions")
+        raise ValueError(f"split(s) {empty} would get no sample out of {len(order)}; use more data or larger fractions")
     _prepare_out(out, overwrite)
-    index: dict = {"format": "mosa_scale.shards/1", "source": src.name, "seed": seed,
-                   "fractions": fractions, "classes": list(src.classes),
-                   "num_classes": len(src.classes), "splits": {}}
+    index: dict = {
+        "format": "mosa_scale.shards/1",
+        "source": src.name,
+        "seed": seed,
+        "fractions": fractions,
+        "classes": list(src.classes),
+        "num_classes": len(src.classes),
+        "splits": {},
+    }
     start, written = 0, []
     try:
-        with tqdm(total=len(order), desc=f"writing shards to {out}", unit="img", file=sys.stderr,
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(order), desc=f"writing shards to {out}", unit="img", file=sys.stderr, disable=not progress
+        ) as bar:
             for split, n in sizes.items():
                 writer = _SplitWriter(out, split, samples_per_shard, max_bytes)
                 try:
-                    for j, i in enumerate(order[start:start + n].tolist()):
+                    for j, i in enumerate(order[start : start + n].tolist()):
                         data, field = src.read(i)
                         label = src.labels[i]
                         meta = {"label": label, "class": src.classes[label], "origin": src.origin(i)}
-                        writer.write({"__key__": f"{split}-{j:08d}", field: data,
-                                      "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+                        writer.write(
+                            {
+                                "__key__": f"{split}-{j:08d}",
+                                field: data,
+                                "cls": str(label).encode(),
+                                "json": json.dumps(meta).encode(),
+                            }
+                        )
                         bar.update(1)
                 except BaseException:
                     writer.abort()  # the shard being written is incomplete: never renamed
@@ -493,8 +529,12 @@ def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int =
                     writer.close()
                     written += writer.names
                 start += n
-                index["splits"][split] = {"shards": writer.names, "num_samples": n,
-                                          "per_shard": writer.counts, "bytes": writer.sizes}
+                index["splits"][split] = {
+                    "shards": writer.names,
+                    "num_samples": n,
+                    "per_shard": writer.counts,
+                    "bytes": writer.sizes,
+                }
         with open(os.path.join(out, INDEX_NAME + ".tmp"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=1)
         os.replace(os.path.join(out, INDEX_NAME + ".tmp"), os.path.join(out, INDEX_NAME))
@@ -505,9 +545,9 @@ def make_shards(source: str | ImageSource, out: str, *, samples_per_shard: int =
         for name in sorted(ours | set(written)):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
-        logger.warning("make_shards stopped: removed the %d shard(s) it had written to %s", len(written),
-                       out)
+        logger.warning("make_shards stopped: removed the %d shard(s) it had written to %s", len(written), out)
         raise
-    logger.info("wrote %d samples in %d shards to %s", len(order),
-                sum(len(s["shards"]) for s in index["splits"].values()), out)
+    logger.info(
+        "wrote %d samples in %d shards to %s", len(order), sum(len(s["shards"]) for s in index["splits"].values()), out
+    )
     return index

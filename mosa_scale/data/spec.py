@@ -96,8 +96,7 @@ class DataSpec:
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             errors.append(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         if self.interpolation not in ("bilinear", "bicubic"):
-            errors.append(f"interpolation must be 'bilinear' or 'bicubic', got "
-                          f"{self.interpolation!r}")
+            errors.append(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
         if errors:
             raise ValueError("invalid DataSpec: " + "; ".join(errors))
 
@@ -161,8 +160,7 @@ def _read_index(path: str) -> dict:
     except (OSError, json.JSONDecodeError) as exn:
         raise ValueError(f"cannot read shard index {path}: {exn}") from exn
     if not isinstance(index.get("splits"), dict):
-        raise ValueError(f"{path} is not a shard index (no 'splits' mapping); write it with "
-                         f"tools/make_shards.py")
+        raise ValueError(f"{path} is not a shard index (no 'splits' mapping); write it with tools/make_shards.py")
     return index
 
 
@@ -187,8 +185,7 @@ def _expand(shards: str | Sequence[str], split: str | None) -> tuple[list[str], 
                 raise ValueError(f"split {name!r} not in {index_path}; it has {sorted(splits)}")
             return [os.path.join(folder, s) for s in splits[name]["shards"]], index_path
         prefix = f"{split}-" if split else ""
-        urls = sorted(p for p in glob.glob(os.path.join(folder, prefix + "*"))
-                      if p.endswith(_SHARD_SUFFIXES))
+        urls = sorted(p for p in glob.glob(os.path.join(folder, prefix + "*")) if p.endswith(_SHARD_SUFFIXES))
         if not urls:
             raise ValueError(f"no {prefix}*.tar shards in folder {folder}")
         return urls, None
@@ -201,8 +198,9 @@ def _count_samples(url: str) -> tuple[int, Exception | None]:
     count, last = 0, None
     local = _is_local(url) and not url.endswith((".gz", ".tgz"))
     try:
-        with (tarfile.open(_local_path(url), "r:") if local else
-              tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")) as tar:
+        with (
+            tarfile.open(_local_path(url), "r:") if local else tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+        ) as tar:
             for member in tar:
                 if not member.isreg():
                     continue
@@ -267,22 +265,25 @@ def resolve_shards(spec: DataSpec | str | Sequence[str], *, count: bool = True) 
     missing = [u for u, n in zip(urls, sizes) if n is None]
     if missing and index_path and not spec.allow_unindexed:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise DataError(f"{len(missing)} shard(s) are not listed in {index_path}: {shown}. A shard its index does not "
-                        "list is a partial or foreign file: remove it or rewrite the index with tools/make_shards.py "
-                        "(allow_unindexed / data.allow_unindexed=true reads it anyway)")
+        raise DataError(
+            f"{len(missing)} shard(s) are not listed in {index_path}: {shown}. A shard its index does not "
+            "list is a partial or foreign file: remove it or rewrite the index with tools/make_shards.py "
+            "(allow_unindexed / data.allow_unindexed=true reads it anyway)"
+        )
     if missing and not count:
         return ShardSet(urls=tuple(urls), sizes=None, classes=tuple(index.get("classes", ())))
     if missing:
-        logger.warning("%d of %d shards are not in any index.json; counting their samples by "
-                       "reading them (write shards with tools/make_shards.py to avoid this)",
-                       len(missing), len(urls))
+        logger.warning(
+            "%d of %d shards are not in any index.json; counting their samples by "
+            "reading them (write shards with tools/make_shards.py to avoid this)",
+            len(missing),
+            len(urls),
+        )
     for i, (url, n) in enumerate(zip(urls, sizes)):
         if n is None:
             sizes[i], error = _count_samples(url)
             if error is not None:
                 # A bad shard must not stop the run: plan with what is readable; the reader
                 # reports the shard again when it fails there.
-                logger.warning("shard %s: counted %d samples before a read error: %s",
-                               url, sizes[i], error)
-    return ShardSet(urls=tuple(urls), sizes=tuple(int(n) for n in sizes),
-                    classes=tuple(index.get("classes", ())))
+                logger.warning("shard %s: counted %d samples before a read error: %s", url, sizes[i], error)
+    return ShardSet(urls=tuple(urls), sizes=tuple(int(n) for n in sizes), classes=tuple(index.get("classes", ())))

@@ -14,13 +14,22 @@ __all__ = ["STATE_VERSION", "check_resume_state", "next_epoch", "make_state"]
 STATE_VERSION = 1
 
 # Fields that fix the sample order of an epoch; a resume must match them all.
-_LAYOUT = ("seed", "world_size", "num_workers", "batch_size", "resampled", "train", "shards",
-           "num_batches")
+_LAYOUT = ("seed", "world_size", "num_workers", "batch_size", "resampled", "train", "shards", "num_batches")
 
 
-def make_state(*, epoch: int, batch: int, num_batches: int, seed: int, world_size: int,
-               num_workers: int, batch_size: int, resampled: bool, train: bool,
-               shards: str) -> dict[str, int | str]:
+def make_state(
+    *,
+    epoch: int,
+    batch: int,
+    num_batches: int,
+    seed: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    resampled: bool,
+    train: bool,
+    shards: str,
+) -> dict[str, int | str]:
     """Build a resume state.
 
     Args:
@@ -38,10 +47,19 @@ def make_state(*, epoch: int, batch: int, num_batches: int, seed: int, world_siz
     Returns:
         The state dict.
     """
-    return {"version": STATE_VERSION, "epoch": epoch, "batch": batch,
-            "num_batches": num_batches, "seed": seed, "world_size": world_size,
-            "num_workers": num_workers, "batch_size": batch_size, "resampled": int(resampled),
-            "train": int(train), "shards": shards}
+    return {
+        "version": STATE_VERSION,
+        "epoch": epoch,
+        "batch": batch,
+        "num_batches": num_batches,
+        "seed": seed,
+        "world_size": world_size,
+        "num_workers": num_workers,
+        "batch_size": batch_size,
+        "resampled": int(resampled),
+        "train": int(train),
+        "shards": shards,
+    }
 
 
 def check_resume_state(state: Mapping[str, int | str], expected: Mapping[str, int | str]) -> int:
@@ -60,20 +78,21 @@ def check_resume_state(state: Mapping[str, int | str], expected: Mapping[str, in
     """
     missing = [k for k in ("version", "epoch", "batch", *_LAYOUT) if k not in state]
     if missing:
-        raise ValueError(f"data resume state lacks {missing}; it was not written by "
-                         f"StreamLoader.state_dict()")
+        raise ValueError(f"data resume state lacks {missing}; it was not written by StreamLoader.state_dict()")
     if state["version"] != STATE_VERSION:
-        raise ValueError(f"data resume state version {state['version']} is not "
-                         f"{STATE_VERSION}")
+        raise ValueError(f"data resume state version {state['version']} is not {STATE_VERSION}")
     if state["epoch"] != expected["epoch"]:
-        raise ValueError(f"data resume state is for epoch {state['epoch']}, the loader is for "
-                         f"epoch {expected['epoch']}; use next_epoch(state) to pick the epoch")
-    diffs = [f"{k}: saved {state[k]!r}, now {expected[k]!r}" for k in _LAYOUT
-             if state[k] != expected[k]]
+        raise ValueError(
+            f"data resume state is for epoch {state['epoch']}, the loader is for "
+            f"epoch {expected['epoch']}; use next_epoch(state) to pick the epoch"
+        )
+    diffs = [f"{k}: saved {state[k]!r}, now {expected[k]!r}" for k in _LAYOUT if state[k] != expected[k]]
     if diffs:
-        raise ValueError("cannot resume exactly, the sample order depends on settings that "
-                         "changed (" + "; ".join(diffs) + "); restore them, or restart the "
-                         "epoch without the resume state")
+        raise ValueError(
+            "cannot resume exactly, the sample order depends on settings that "
+            "changed (" + "; ".join(diffs) + "); restore them, or restart the "
+            "epoch without the resume state"
+        )
     batch = int(state["batch"])
     if not 0 <= batch <= int(state["num_batches"]):
         raise ValueError(f"data resume state batch {batch} is outside 0..{state['num_batches']}")

@@ -104,8 +104,7 @@ def decode_image(sample: Mapping[str, bytes]) -> Image.Image:
             image = Image.open(io.BytesIO(sample[field]))
             image.load()  # decode now: truncated data raises here, not later in a transform
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exn:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exn:
         raise CorruptSample(f"undecodable {field}: {exn}") from None
 
 
@@ -162,8 +161,7 @@ class ImageTransform:
         mode = InterpolationMode(self.interpolation)
         if self.train:
             top, left, h, w = self._crop_box(image.width, image.height, rng)
-            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
-                                    interpolation=mode, antialias=True)
+            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=mode, antialias=True)
             if self.hflip and rng.random() < 0.5:
                 image = TF.hflip(image)
         else:

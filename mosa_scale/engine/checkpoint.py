@@ -61,11 +61,21 @@ def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain values (weights-only loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
-                        "gauss_next": gauss_next}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -74,8 +84,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n, p = state["numpy"], state["python"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -150,8 +161,9 @@ def retain(ckpt_dir: Path, *, keep: int, step: int, protect: set[str]) -> list[s
     return removed
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, *, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep: int = 2) -> Path:
+def save(
+    engine: Any, ckpt_dir: Path, step: int, *, client_state: dict[str, Any], rank_state: dict[str, Any], keep: int = 2
+) -> Path:
     """Writes checkpoint ``step``, its manifest, then points ``latest`` at it; keeps the newest ``keep``.
 
     A folder of the same tag left by an interrupted save is removed first. Every rank takes part.
@@ -166,8 +178,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, *, client_state: dict[str, Any]
             log.warning("removing %s: an earlier save of step %d that did not finish", d, step)
             shutil.rmtree(d)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
     torch.save(rank_state, d / RANK_STATE.format(rank=rank))
     barrier()  # every rank's files are written and closed
     names = broadcast_object(tag_files(d) if rank == 0 else None)
@@ -207,15 +220,21 @@ def resume_tag(ckpt_dir: Path) -> str | None:
         if not tags:
             return None
         complete = sorted((s, t) for t in tags if (s := manifest_step(ckpt_dir / t)) is not None)
-        how = (f"to resume, point it at a complete checkpoint: echo {complete[-1][1]} > {ckpt_dir / LATEST}"
-               if complete else "none of them is complete (no manifest.json)")
+        how = (
+            f"to resume, point it at a complete checkpoint: echo {complete[-1][1]} > {ckpt_dir / LATEST}"
+            if complete
+            else "none of them is complete (no manifest.json)"
+        )
         raise CheckpointError(
             f"{ckpt_dir} holds checkpoint(s) {', '.join(tags)} but no '{LATEST}' file, so it is not known which "
-            f"one to resume; {how}; to start fresh, move {ckpt_dir} away or set another train.run_dir")
+            f"one to resume; {how}; to start fresh, move {ckpt_dir} away or set another train.run_dir"
+        )
     if not tag or "/" in tag or not (ckpt_dir / tag).is_dir():
-        raise CheckpointError(f"{ckpt_dir / LATEST} names checkpoint {tag!r}, which does not exist in {ckpt_dir} "
-                              f"(checkpoints there: {', '.join(tags) or 'none'}); write an existing tag into it, or "
-                              f"move {ckpt_dir} away to start fresh")
+        raise CheckpointError(
+            f"{ckpt_dir / LATEST} names checkpoint {tag!r}, which does not exist in {ckpt_dir} "
+            f"(checkpoints there: {', '.join(tags) or 'none'}); write an existing tag into it, or "
+            f"move {ckpt_dir} away to start fresh"
+        )
     return tag
 
 
@@ -232,9 +251,11 @@ def verify(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     manifest = on_rank0(lambda: read_manifest(d), errors=(CheckpointError,), share=True)
     assert manifest is not None
     if int(manifest.get("world_size", world)) != world:
-        raise CheckpointError(f"checkpoint {d} was written by {manifest['world_size']} rank(s), this run has {world}: "
-                              "resuming needs the same number of ranks (the adapter can be merged from it at any "
-                              "size with tools/merge_adapter.py)")
+        raise CheckpointError(
+            f"checkpoint {d} was written by {manifest['world_size']} rank(s), this run has {world}: "
+            "resuming needs the same number of ranks (the adapter can be merged from it at any "
+            "size with tools/merge_adapter.py)"
+        )
     names = sorted(manifest["files"])[rank::world]
     problems = file_problems(d, manifest, names) + (unlisted_files(d, manifest) if rank == 0 else [])
     bad = {p.split(": ", 1)[0] for p in problems}
@@ -263,8 +284,9 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> tuple[dict[str, Any], dict[st
     rank_file = ckpt_dir / tag / RANK_STATE.format(rank=rank)
     if not isinstance(engine.checkpoint_engine, WeightsOnlyLoads):
         engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    _, client = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rank_state = load_weights_only(rank_file, stand_ins=False)

@@ -20,11 +20,32 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-               "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "reduce", "all_to_all",
-               "all_to_all_single", "barrier", "monitored_barrier", "all_gather_object", "broadcast_object_list",
-               "gather", "scatter", "all_reduce_coalesced", "all_gather_coalesced", "send", "recv", "isend", "irecv",
-               "batch_isend_irecv")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather",
+    "scatter",
+    "all_reduce_coalesced",
+    "all_gather_coalesced",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+)
 
 
 def _nbytes(value: Any) -> int:
@@ -104,5 +125,9 @@ class CollectiveCounter:
         return sum(self.bytes.values())
 
     def snapshot(self) -> dict[str, Any]:
-        return {"calls": dict(sorted(self.calls.items())), "bytes": dict(sorted(self.bytes.items())),
-                "total_calls": self.total_calls(), "total_bytes": self.total_bytes()}
+        return {
+            "calls": dict(sorted(self.calls.items())),
+            "bytes": dict(sorted(self.bytes.items())),
+            "total_calls": self.total_calls(),
+            "total_bytes": self.total_bytes(),
+        }

@@ -54,8 +54,10 @@ def _unlink_shm_allreduce_buffer() -> None:
     if not dist.is_initialized():
         return
     dist.barrier()  # every rank has opened every other rank's buffer: the names are no longer needed
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     try:
         os.unlink(Path("/dev/shm") / name)
     except FileNotFoundError:  # ranks on several machines, or not the CPU backend: no buffer
@@ -73,8 +75,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds = json.loads(path.read_text())
     clash = [k for k in RUN_OWNED if k in ds]
     if clash:
-        raise ConfigError([f"train.zero_config: {path.name} sets {', '.join(clash)}; these come from the run "
-                           "config (train.*, optim.clip_grad), remove them from the DeepSpeed file"])
+        raise ConfigError(
+            [
+                f"train.zero_config: {path.name} sets {', '.join(clash)}; these come from the run "
+                "config (train.*, optim.clip_grad), remove them from the DeepSpeed file"
+            ]
+        )
     t = cfg.train
     ds.update(
         train_batch_size=t.global_batch,
@@ -108,8 +114,10 @@ class ZeroShard:
     def __init__(self, ds_config: dict[str, Any]) -> None:
         stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if stage != 3:
-            raise ValueError(f"ZeroShard: the DeepSpeed config has ZeRO stage {stage}; towers are partitioned "
-                             "at stage 3 only (stages 0-2 keep a replicated tower)")
+            raise ValueError(
+                f"ZeroShard: the DeepSpeed config has ZeRO stage {stage}; towers are partitioned "
+                "at stage 3 only (stages 0-2 keep a replicated tower)"
+            )
         self.ds_config = ds_config
         from deepspeed.accelerator import get_accelerator
 
@@ -118,8 +126,9 @@ class ZeroShard:
     def construct(self) -> Any:
         from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
 
-        return deepspeed.zero.Init(config_dict_or_path=self.ds_config,
-                                   tensor_overrides=[DeepSpeedTensorOverride.device])
+        return deepspeed.zero.Init(
+            config_dict_or_path=self.ds_config, tensor_overrides=[DeepSpeedTensorOverride.device]
+        )
 
     def modify(self, params: Any) -> Any:
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
@@ -133,8 +142,10 @@ class ZeroShard:
     def local_range(self, param: torch.nn.Parameter) -> tuple[int, int]:
         secondary = getattr(param, "ds_zero_param_process_group", None) is not None
         if secondary or param.ds_tensor.final_location is not None:
-            raise NotImplementedError(f"parameter {param.ds_id}: loading into hpZ secondary partitions or NVMe "
-                                      "offload is not supported; use CPU offload or none")
+            raise NotImplementedError(
+                f"parameter {param.ds_id}: loading into hpZ secondary partitions or NVMe "
+                "offload is not supported; use CPU offload or none"
+            )
         size = int(param.ds_tensor.ds_numel)
         start = size * dist.get_rank(group=param.ds_process_group)
         return start, max(0, min(size, int(param.ds_numel) - start))
@@ -154,8 +165,11 @@ def _match_zero_init_dtype(model: torch.nn.Module, ds_config: dict[str, Any]) ->
     """DeepSpeed casts every parameter of a replicated model to bf16/fp16, but leaves a model
     built under ``zero.Init`` as built: cast here what it would have cast (a sharded tower built
     in another dtype, the adapters), so both builds train the same numbers."""
-    half = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    half = (
+        torch.bfloat16
+        if ds_config.get("bf16", {}).get("enabled")
+        else (torch.float16 if ds_config.get("fp16", {}).get("enabled") else None)
+    )
     params = list(model.parameters())
     if half is None or not any(hasattr(p, "ds_id") for p in params):
         return
@@ -169,8 +183,9 @@ def _match_zero_init_dtype(model: torch.nn.Module, ds_config: dict[str, Any]) ->
             p.data = p.data.to(half)
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               ds_config: dict[str, Any]) -> Any:
+def initialize(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]
+) -> Any:
     """Wraps model and client optimizer in a DeepSpeed engine.
 
     DeepSpeed casts the whole module (buffers included) to bf16/fp16; the MoSA buffers (W0, the
@@ -178,11 +193,15 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     off-mask weight decay stay exact. A :class:`~mosa_scale.optim.MoSAAdamW` is then bound to the
     fp32 partitions ZeRO hands it (:func:`bind_optimizer`).
     """
-    keep = {(id(m), name): buf.detach().clone() for m in model.modules() if isinstance(m, SparseExpertLinear)
-            for name, buf in m.named_buffers(recurse=False) if buf.is_floating_point()}
+    keep = {
+        (id(m), name): buf.detach().clone()
+        for m in model.modules()
+        if isinstance(m, SparseExpertLinear)
+        for name, buf in m.named_buffers(recurse=False)
+        if buf.is_floating_point()
+    }
     _match_zero_init_dtype(model, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     for m in engine.module.modules():
         if isinstance(m, SparseExpertLinear):
             for name, buf in list(m.named_buffers(recurse=False)):
@@ -220,8 +239,10 @@ def optimizer_fragments(engine: Any) -> list[tuple[torch.Tensor, list[Any]]] | N
                     frags.append(Fragment(p, start, offset, n))
                 offset += size
             if flat.numel() != offset:
-                raise RuntimeError(f"ZeRO-3 sub-group {i}: {flat.numel()} fp32 values for {offset} partitioned ones "
-                                   "(NVMe optimizer offload is not supported with MoSA adapters)")
+                raise RuntimeError(
+                    f"ZeRO-3 sub-group {i}: {flat.numel()} fp32 values for {offset} partitioned ones "
+                    "(NVMe optimizer offload is not supported with MoSA adapters)"
+                )
             targets.append((flat, frags))
         return targets
     flats = getattr(zo, "single_partition_of_fp32_groups", None) or getattr(zo, "fp32_groups_flat_partition", None)
@@ -232,8 +253,14 @@ def optimizer_fragments(engine: Any) -> list[tuple[torch.Tensor, list[Any]]] | N
             for p in params:
                 m = getattr(p, "_hp_mapping", None)
                 if m is not None:
-                    frags.append(Fragment(p, int(m.lp_fragment_address.start), int(m.hp_fragment_address.start),
-                                          int(m.hp_fragment_address.numel)))
+                    frags.append(
+                        Fragment(
+                            p,
+                            int(m.lp_fragment_address.start),
+                            int(m.hp_fragment_address.start),
+                            int(m.hp_fragment_address.numel),
+                        )
+                    )
             targets.append((flat, frags))
         return targets
     if hasattr(zo, "fp32_groups_flat") and hasattr(zo, "fp16_groups"):  # fp16 optimizer, ZeRO-0
@@ -244,8 +271,10 @@ def optimizer_fragments(engine: Any) -> list[tuple[torch.Tensor, list[Any]]] | N
                 offset += p.numel()
             targets.append((flat, frags))
         return targets
-    raise RuntimeError(f"{type(zo).__name__}: unknown DeepSpeed optimizer wrapper; MoSA adapters cannot locate "
-                       "their expert slices in its fp32 partitions")
+    raise RuntimeError(
+        f"{type(zo).__name__}: unknown DeepSpeed optimizer wrapper; MoSA adapters cannot locate "
+        "their expert slices in its fp32 partitions"
+    )
 
 
 def bind_optimizer(engine: Any, optimizer: Any) -> None:
@@ -264,9 +293,11 @@ def bind_optimizer(engine: Any, optimizer: Any) -> None:
             else:
                 theirs = f.param.detach().reshape(-1).narrow(0, f.param_start, f.numel)
             if not torch.equal(mine.to(theirs.dtype), theirs):
-                raise RuntimeError(f"optimizer binding: a fragment of {f.numel} values at {f.target_start} does not "
-                                   "hold its parameter's values; this DeepSpeed version lays out partitions "
-                                   "differently than mosa_scale expects")
+                raise RuntimeError(
+                    f"optimizer binding: a fragment of {f.numel} values at {f.target_start} does not "
+                    "hold its parameter's values; this DeepSpeed version lays out partitions "
+                    "differently than mosa_scale expects"
+                )
     optimizer.bind(targets)
 
 

@@ -38,12 +38,17 @@ class EvalResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"top1": self.top1, "samples": self.samples,
-                "per_class": {str(c): v for c, v in sorted(self.per_class.items())}, **self.extra}
+        return {
+            "top1": self.top1,
+            "samples": self.samples,
+            "per_class": {str(c): v for c, v in sorted(self.per_class.items())},
+            **self.extra,
+        }
 
 
-def load_merged_classifier(adapter_dir: str | Path, *, pretrained: str | None = None,
-                           device: str | torch.device = "cpu") -> tuple[nn.Module, Backbone, RunConfig]:
+def load_merged_classifier(
+    adapter_dir: str | Path, *, pretrained: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Backbone, RunConfig]:
     """The run's classifier with dense adapters holding the merged weights, in eval mode.
 
     A backbone trained from random init ("random" source, tests and smoke runs) is rebuilt from
@@ -67,15 +72,23 @@ def load_merged_classifier(adapter_dir: str | Path, *, pretrained: str | None = 
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if is_adapter_name(k)]
     if missing or unexpected:
-        raise ValueError(f"{adapter_dir}: the merged tensors do not fit the model its config builds: missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}")
+        raise ValueError(
+            f"{adapter_dir}: the merged tensors do not fit the model its config builds: missing "
+            f"{missing[:4]}, unexpected {unexpected[:4]}"
+        )
     return model.to(device).eval(), backbone, cfg
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, Any]], *, num_classes: int,
-             device: str | torch.device = "cpu", max_batches: int | None = None,
-             keep_logits: bool = False) -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    keep_logits: bool = False,
+) -> EvalResult:
     """Top-1 and per-class accuracy of ``model`` over loader batches (slots with ``valid=False``
     are padding and are not counted)."""
     correct = torch.zeros(num_classes, dtype=torch.int64)
@@ -95,16 +108,32 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, Any]], *, num_classes
             all_logits.append(logits[valid])
             all_labels.append(y)
     n = int(total.sum())
-    per_class = {c: {"top1": float(correct[c]) / float(total[c]), "samples": int(total[c])}
-                 for c in range(num_classes) if total[c] > 0}
-    return EvalResult(top1=float(correct.sum()) / max(n, 1), samples=n, per_class=per_class,
-                      logits=torch.cat(all_logits) if keep_logits and all_logits else None,
-                      labels=torch.cat(all_labels) if keep_logits and all_labels else None)
+    per_class = {
+        c: {"top1": float(correct[c]) / float(total[c]), "samples": int(total[c])}
+        for c in range(num_classes)
+        if total[c] > 0
+    }
+    return EvalResult(
+        top1=float(correct.sum()) / max(n, 1),
+        samples=n,
+        per_class=per_class,
+        logits=torch.cat(all_logits) if keep_logits and all_logits else None,
+        labels=torch.cat(all_labels) if keep_logits and all_labels else None,
+    )
 
 
-def evaluate_adapter(adapter_dir: str | Path, data: str, *, split: str | None = None, batch_size: int = 64,
-                     device: str | torch.device = "cpu", workers: int = 0, pretrained: str | None = None,
-                     max_batches: int | None = None, keep_logits: bool = False) -> EvalResult:
+def evaluate_adapter(
+    adapter_dir: str | Path,
+    data: str,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    pretrained: str | None = None,
+    max_batches: int | None = None,
+    keep_logits: bool = False,
+) -> EvalResult:
     """Evaluates a merged adapter on webdataset shards (one process, eval transform).
 
     Args:
@@ -123,13 +152,28 @@ def evaluate_adapter(adapter_dir: str | Path, data: str, *, split: str | None = 
     """
     model, backbone, cfg = load_merged_classifier(adapter_dir, pretrained=pretrained, device=device)
     img = backbone.image
-    loader = build_loader(DataSpec(shards=data, split=split), image_size=cfg.data.image_size or img.size,
-                          mean=img.mean, std=img.std, train=False, batch_size=batch_size, rank=0, world_size=1,
-                          num_workers=workers, seed=cfg.train.seed, epoch=0,
-                          num_classes=int(model.mosa_head.weight.shape[0]))
-    result = evaluate(model, loader, num_classes=int(model.mosa_head.weight.shape[0]), device=device,
-                      max_batches=max_batches, keep_logits=keep_logits)
-    result.extra = {"adapter": str(adapter_dir), "data": data, "split": split,
-                    "skipped": loader.skipped}
+    loader = build_loader(
+        DataSpec(shards=data, split=split),
+        image_size=cfg.data.image_size or img.size,
+        mean=img.mean,
+        std=img.std,
+        train=False,
+        batch_size=batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=workers,
+        seed=cfg.train.seed,
+        epoch=0,
+        num_classes=int(model.mosa_head.weight.shape[0]),
+    )
+    result = evaluate(
+        model,
+        loader,
+        num_classes=int(model.mosa_head.weight.shape[0]),
+        device=device,
+        max_batches=max_batches,
+        keep_logits=keep_logits,
+    )
+    result.extra = {"adapter": str(adapter_dir), "data": data, "split": split, "skipped": loader.skipped}
     log.info("top1 %.4f over %d samples", result.top1, result.samples)
     return result

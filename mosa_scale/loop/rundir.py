@@ -28,8 +28,10 @@ class RunDirError(RuntimeError):
 
 
 def _describe(holder: dict[str, Any]) -> str:
-    return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}, "
-            f"command: {holder.get('command')}")
+    return (
+        f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}, "
+        f"command: {holder.get('command')}"
+    )
 
 
 class RunLock:
@@ -54,16 +56,26 @@ class RunLock:
             holder = _read(fd)
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise RunDirError(f"cannot lock {path} ({e}); put train.run_dir on a file system with file "
-                                  "locks") from e
-            raise RunDirError(f"run directory {path.parent} is in use by another run ({_describe(holder)}); wait for "
-                              f"it to end or stop it, or set another train.run_dir") from None
+                raise RunDirError(
+                    f"cannot lock {path} ({e}); put train.run_dir on a file system with file locks"
+                ) from e
+            raise RunDirError(
+                f"run directory {path.parent} is in use by another run ({_describe(holder)}); wait for "
+                f"it to end or stop it, or set another train.run_dir"
+            ) from None
         previous = _read(fd)
         if previous and not previous.get("released"):
-            log.warning("took over the lock of an earlier run in %s that ended without releasing it (%s)",
-                        path.parent, _describe(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "command": " ".join(sys.argv)[:500]}
+            log.warning(
+                "took over the lock of an earlier run in %s that ended without releasing it (%s)",
+                path.parent,
+                _describe(previous),
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500],
+        }
         _write(fd, me)
         return cls(path, fd)
 

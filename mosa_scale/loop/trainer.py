@@ -68,28 +68,45 @@ class Trainer:
         self.passes = 2 if cfg.consistency.enabled else 1
         torch.manual_seed(cfg.train.seed * 1000 + self.rank)  # dropout differs per rank, replayable
         self.train_spec, self.val_spec, self.num_classes = prepare_data(
-            cfg.data, self.run_dir, self.rank, seed=cfg.train.seed, wait=barrier)
+            cfg.data, self.run_dir, self.rank, seed=cfg.train.seed, wait=barrier
+        )
         self.router = Router(cfg.train.seed, cfg.routing.scope, self.rank, self.world)
         ds_config = deepspeed_config(cfg, self.world)
         # ZeRO-3: the tower is partitioned as it is built, no rank ever holds all of it
-        model, self.backbone, self.report = build_model(cfg, self.router, num_classes=self.num_classes,
-                                                        shard=tower_shard(ds_config))
+        model, self.backbone, self.report = build_model(
+            cfg, self.router, num_classes=self.num_classes, shard=tower_shard(ds_config)
+        )
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.backbone, self.router.checkpoint)
         o = cfg.optim
-        self.optimizer = MoSAAdamW.for_model(model, router=self.router, weight_decay=o.weight_decay, lr=o.lr,
-                                             betas=o.betas, eps=o.eps, inactive=o.inactive)
-        sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: warmup_cosine(
-            s, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio))
+        self.optimizer = MoSAAdamW.for_model(
+            model,
+            router=self.router,
+            weight_decay=o.weight_decay,
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            inactive=o.inactive,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: warmup_cosine(s, warmup=o.warmup_steps, total=cfg.train.steps, min_ratio=o.min_lr_ratio),
+        )
         self.engine = initialize(model, self.optimizer, sched, ds_config)
         self.device = self.engine.device
         self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sparse = sparse_layers(model)
-        self.flops = step_flops(model, self.backbone, image_size=cfg.data.image_size or self.backbone.image.size,
-                                global_batch=cfg.train.global_batch, consistency=cfg.consistency.enabled)
+        self.flops = step_flops(
+            model,
+            self.backbone,
+            image_size=cfg.data.image_size or self.backbone.image.size,
+            global_batch=cfg.train.global_batch,
+            consistency=cfg.consistency.enabled,
+        )
         # most FLOPs run in the frozen tower, so its precision sets the peak when training is fp32
-        self.peak_flops = peak_flops(self.device, cfg.model.precision if cfg.train.precision == "fp32"
-                                     else cfg.train.precision)
+        self.peak_flops = peak_flops(
+            self.device, cfg.model.precision if cfg.train.precision == "fp32" else cfg.train.precision
+        )
         self.metrics = MetricLogger(self.run_dir, self.rank)
         self.step, self.epoch, self.data_state, self.bad_in_row, self.bad_total = 0, 0, None, 0, 0
         self.skipped = {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}  # this rank's, whole run
@@ -98,19 +115,34 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
             log.info("%s", self.report.format())
-            log.info("FLOPs per sample: %.3g (frozen forward %.3g, frozen backward %.3g, trainable %.3g)",
-                     self.flops["per_sample"], self.flops["forward_frozen"], self.flops["backward_frozen"],
-                     self.flops["forward_trainable"] + self.flops["backward_trainable"])
+            log.info(
+                "FLOPs per sample: %.3g (frozen forward %.3g, frozen backward %.3g, trainable %.3g)",
+                self.flops["per_sample"],
+                self.flops["forward_frozen"],
+                self.flops["backward_frozen"],
+                self.flops["forward_trainable"] + self.flops["backward_trainable"],
+            )
 
     # ---------------------------------------------------------------- data
     def _loader(self, *, train: bool, epoch: int, resume: dict | None = None):
         img = self.backbone.image
         spec = self.train_spec if train else self.val_spec
-        return build_loader(spec, image_size=self.cfg.data.image_size or img.size, mean=img.mean, std=img.std,
-                            train=train, batch_size=self.cfg.train.micro_batch, rank=self.rank,
-                            world_size=self.world, num_workers=self.cfg.data.workers, seed=self.cfg.train.seed,
-                            epoch=epoch, resampled=self.cfg.data.resampled and train, resume=resume,
-                            num_classes=self.num_classes)
+        return build_loader(
+            spec,
+            image_size=self.cfg.data.image_size or img.size,
+            mean=img.mean,
+            std=img.std,
+            train=train,
+            batch_size=self.cfg.train.micro_batch,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=self.cfg.data.workers,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            resampled=self.cfg.data.resampled and train,
+            resume=resume,
+            num_classes=self.num_classes,
+        )
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Training batches across epochs; ``self.data_state`` is the position after the last one."""
@@ -127,13 +159,20 @@ class Trainer:
                 yield batch
             # every rank ends the epoch at the same batch: the sums line up
             epoch_valid, valid, corrupt, missing = all_reduce_sum(
-                [float(self.epoch_valid), float(self.valid), float(self.skipped["corrupt"]),
-                 float(self.skipped["missing"])])
+                [
+                    float(self.epoch_valid),
+                    float(self.valid),
+                    float(self.skipped["corrupt"]),
+                    float(self.skipped["missing"]),
+                ]
+            )
             if epoch_valid == 0:
-                raise DataError(f"epoch {self.epoch} gave no valid sample on any of the {self.world} rank(s) (data."
-                                f"train={self.cfg.data.train!r}, {len(loader.shards.urls)} shard(s); this rank skipped "
-                                f"{self.skipped}): the shards are empty, unreadable or every label is outside "
-                                f"[0, {self.num_classes}); see the warnings above")
+                raise DataError(
+                    f"epoch {self.epoch} gave no valid sample on any of the {self.world} rank(s) (data."
+                    f"train={self.cfg.data.train!r}, {len(loader.shards.urls)} shard(s); this rank skipped "
+                    f"{self.skipped}): the shards are empty, unreadable or every label is outside "
+                    f"[0, {self.num_classes}); see the warnings above"
+                )
             self._check_losses(valid, corrupt, missing, judge=True)
             self.epoch += 1
             self.data_state, self.epoch_valid = None, 0
@@ -144,10 +183,12 @@ class Trainer:
         so it is judged at epoch ends (``judge``), and at log steps once 10 global batches were read."""
         lost, limit = corrupt + missing, self.cfg.data.max_skip_rate
         if (judge or valid + lost >= 10 * self.cfg.train.global_batch) and lost > limit * (valid + lost):
-            raise DataError(f"{lost:.0f} of {valid + lost:.0f} samples read so far were lost ({corrupt:.0f} corrupt "
-                            f"or out-of-range labels, {missing:.0f} missing from truncated shards), more than data."
-                            f"max_skip_rate={limit}; see the warnings above for the shards and keys, fix the data or "
-                            "raise data.max_skip_rate")
+            raise DataError(
+                f"{lost:.0f} of {valid + lost:.0f} samples read so far were lost ({corrupt:.0f} corrupt "
+                f"or out-of-range labels, {missing:.0f} missing from truncated shards), more than data."
+                f"max_skip_rate={limit}; see the warnings above for the shards and keys, fix the data or "
+                "raise data.max_skip_rate"
+            )
 
     # ---------------------------------------------------------------- step
     def _forward_loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -169,9 +210,16 @@ class Trainer:
                 logits2 = self.engine(x)
             hidden2 = capture.take() if capture else []
             if valid.any():  # an all-padding micro-batch (end of epoch) has nothing to compare
-                terms = consistency_loss(logits[valid], logits2[valid], y[valid], weight=c.weight,
-                                         hidden1=hidden1, hidden2=hidden2, hidden_weight=c.hidden_weight,
-                                         second_ce=c.second_ce)
+                terms = consistency_loss(
+                    logits[valid],
+                    logits2[valid],
+                    y[valid],
+                    weight=c.weight,
+                    hidden1=hidden1,
+                    hidden2=hidden2,
+                    hidden_weight=c.hidden_weight,
+                    second_ce=c.second_ce,
+                )
                 loss = loss + terms["total"]
                 parts["loss/consistency"] = terms["kl"].detach()
             else:
@@ -203,12 +251,20 @@ class Trainer:
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
         self.bad_total += int(bad)
         if self.bad_in_row >= self.cfg.train.max_bad_steps:
-            raise RuntimeError(f"{self.bad_in_row} optimizer steps in a row had a non-finite loss "
-                               f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); lower optim.lr or check data")
+            raise RuntimeError(
+                f"{self.bad_in_row} optimizer steps in a row had a non-finite loss "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); lower optim.lr or check data"
+            )
         step_time = time.perf_counter() - t0
-        out = {**sums, "lr": self.optimizer.param_groups[0]["lr"], "time/step_s": step_time,
-               "time/data_s": data_time, "throughput/samples_per_s": self.cfg.train.global_batch / step_time,
-               "train/nonfinite_steps": self.bad_total, "memory/peak_mb": peak_memory_mb()}
+        out = {
+            **sums,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time/step_s": step_time,
+            "time/data_s": data_time,
+            "throughput/samples_per_s": self.cfg.train.global_batch / step_time,
+            "train/nonfinite_steps": self.bad_total,
+            "memory/peak_mb": peak_memory_mb(),
+        }
         out.update(throughput_metrics(self.flops, step_time_s=step_time, world_size=self.world, peak=self.peak_flops))
         counts = window.counts
         for name, layer in self.sparse.items():
@@ -250,17 +306,38 @@ class Trainer:
                 agree = float((stochastic.argmax(-1) == logits.argmax(-1)).float().mean())
         self.engine.module.train()
         correct, total, gap, agree = all_reduce_sum([correct, total, gap, agree])
-        return {"top1": correct / max(total, 1.0), "eval_samples": total,
-                "merged_vs_stochastic_l1": gap / self.world, "merged_vs_stochastic_agree": agree / self.world}
+        return {
+            "top1": correct / max(total, 1.0),
+            "eval_samples": total,
+            "merged_vs_stochastic_l1": gap / self.world,
+            "merged_vs_stochastic_agree": agree / self.world,
+        }
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        client = {"step": self.step, "epoch": self.epoch, "router": self.router.state_dict(),
-                  "bad_total": self.bad_total, "last_eval": self.last_eval}
-        rank_state = {"rng": ckpt.rng_state(), "data": self.data_state, "epoch": self.epoch,
-                      "skipped": self.skipped, "valid": self.valid, "epoch_valid": self.epoch_valid}
-        ckpt.save(self.engine, self.ckpt_dir, self.step, client_state=client, rank_state=rank_state,
-                  keep=self.cfg.train.keep_checkpoints)
+        client = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "router": self.router.state_dict(),
+            "bad_total": self.bad_total,
+            "last_eval": self.last_eval,
+        }
+        rank_state = {
+            "rng": ckpt.rng_state(),
+            "data": self.data_state,
+            "epoch": self.epoch,
+            "skipped": self.skipped,
+            "valid": self.valid,
+            "epoch_valid": self.epoch_valid,
+        }
+        ckpt.save(
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            client_state=client,
+            rank_state=rank_state,
+            keep=self.cfg.train.keep_checkpoints,
+        )
 
     def maybe_resume(self) -> None:
         if self.resume_from is None:
@@ -289,9 +366,12 @@ class Trainer:
         merged = self.merged_adapter()
         if self.rank != 0:
             return None
-        manifest = {"config": to_plain(self.cfg), "backbone": {"name": self.backbone.name,
-                    "source": self.backbone.source, "family": self.cfg.model.family},
-                    "num_classes": self.num_classes, "step": self.step}
+        manifest = {
+            "config": to_plain(self.cfg),
+            "backbone": {"name": self.backbone.name, "source": self.backbone.source, "family": self.cfg.model.family},
+            "num_classes": self.num_classes,
+            "step": self.step,
+        }
         return write_adapter(self.run_dir / "adapter", merged, manifest)
 
     # ---------------------------------------------------------------- run
@@ -310,8 +390,14 @@ class Trainer:
                 self.metrics.scalars(self.step, stats)
                 bar.set_postfix(loss=f"{stats['loss/ce']:.4f}", lr=f"{stats['lr']:.2e}")
                 if self.rank == 0:
-                    log.info("step %d/%d loss %.4f lr %.3e %.1f samples/s", self.step, t.steps, stats["loss/ce"],
-                             stats["lr"], stats["throughput/samples_per_s"])
+                    log.info(
+                        "step %d/%d loss %.4f lr %.3e %.1f samples/s",
+                        self.step,
+                        t.steps,
+                        stats["loss/ce"],
+                        stats["lr"],
+                        stats["throughput/samples_per_s"],
+                    )
             if self.step % t.eval_every == 0 or self.step == t.steps:
                 self.last_eval = self.evaluate()
                 if self.last_eval:
@@ -322,8 +408,11 @@ class Trainer:
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 if self.bad_in_row:  # never a checkpoint inside a non-finite streak: `latest` stays good
                     if self.rank == 0:
-                        log.warning("step %d: no checkpoint, the last %d step(s) had a non-finite loss", self.step,
-                                    self.bad_in_row)
+                        log.warning(
+                            "step %d: no checkpoint, the last %d step(s) had a non-finite loss",
+                            self.step,
+                            self.bad_in_row,
+                        )
                 else:
                     self.save_checkpoint()
             self.metrics.flush()

@@ -21,10 +21,17 @@ def symmetric_kl(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
     return 0.5 * (kl_12 + kl_21)
 
 
-def consistency_loss(logits1: torch.Tensor, logits2: torch.Tensor, labels: torch.Tensor | None = None, *,
-                     weight: float = 1.0, hidden1: Sequence[torch.Tensor] = (),
-                     hidden2: Sequence[torch.Tensor] = (), hidden_weight: float = 0.0,
-                     second_ce: bool = False) -> dict[str, torch.Tensor]:
+def consistency_loss(
+    logits1: torch.Tensor,
+    logits2: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    weight: float = 1.0,
+    hidden1: Sequence[torch.Tensor] = (),
+    hidden2: Sequence[torch.Tensor] = (),
+    hidden_weight: float = 0.0,
+    second_ce: bool = False,
+) -> dict[str, torch.Tensor]:
     """The extra loss terms of the second pass.
 
     Args:

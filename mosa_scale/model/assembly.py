@@ -31,8 +31,9 @@ class AdaptedClassifier(nn.Module):
         return self.mosa_head(features.to(head_dtype)).float()
 
 
-def build_model(cfg: RunConfig, router: Router | None, *, num_classes: int, meta: bool = False,
-                shard: ShardHooks | None = None) -> tuple[AdaptedClassifier, Backbone, InjectionReport]:
+def build_model(
+    cfg: RunConfig, router: Router | None, *, num_classes: int, meta: bool = False, shard: ShardHooks | None = None
+) -> tuple[AdaptedClassifier, Backbone, InjectionReport]:
     """Builds the frozen backbone, injects the configured adapters and adds the head.
 
     Everything random here is a function of the config: a random-init tower is drawn under

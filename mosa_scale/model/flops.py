@@ -147,8 +147,15 @@ def _units(model: nn.Module, backbone: Backbone, image_size: int, tokens: int) -
     return units
 
 
-def step_flops(model: nn.Module, backbone: Backbone, *, image_size: int, global_batch: int,
-               consistency: bool, tokens: int | None = None) -> dict[str, float]:
+def step_flops(
+    model: nn.Module,
+    backbone: Backbone,
+    *,
+    image_size: int,
+    global_batch: int,
+    consistency: bool,
+    tokens: int | None = None,
+) -> dict[str, float]:
     """FLOPs of one optimizer step of ``model`` (frozen tower + adapters + head).
 
     Args:
@@ -182,9 +189,17 @@ def step_flops(model: nn.Module, backbone: Backbone, *, image_size: int, global_
     passes = 2 if consistency else 1
     per_sample = passes * (fwd_frozen + fwd_train + bwd_frozen + 2.0 * fwd_train)
     trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
-    return {"tokens": float(t), "passes": float(passes), "forward_frozen": fwd_frozen,
-            "forward_trainable": fwd_train, "backward_frozen": bwd_frozen, "backward_trainable": 2.0 * fwd_train,
-            "per_sample": per_sample, "per_step": per_sample * global_batch, "trainable_params": float(trainable)}
+    return {
+        "tokens": float(t),
+        "passes": float(passes),
+        "forward_frozen": fwd_frozen,
+        "forward_trainable": fwd_train,
+        "backward_frozen": bwd_frozen,
+        "backward_trainable": 2.0 * fwd_train,
+        "per_sample": per_sample,
+        "per_step": per_sample * global_batch,
+        "trainable_params": float(trainable),
+    }
 
 
 def peak_flops(device: str | torch.device | None, precision: str) -> float | None:
@@ -220,8 +235,9 @@ def mfu(flops_per_s: float, peak: float | None) -> float | None:
     return flops_per_s / peak
 
 
-def throughput_metrics(flops: dict[str, float], *, step_time_s: float, world_size: int,
-                       peak: float | None) -> dict[str, float]:
+def throughput_metrics(
+    flops: dict[str, float], *, step_time_s: float, world_size: int, peak: float | None
+) -> dict[str, float]:
     """TensorBoard scalars of one step: ``perf/tflops_per_s_per_gpu`` and, when the device's
     peak is known, ``perf/mfu``."""
     per_gpu = flops["per_step"] / max(step_time_s, 1e-12) / world_size

@@ -64,8 +64,19 @@ class _Runs:
     slots_t: torch.Tensor  # (R,) int64
 
 
-def _adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, wd: float, b1: float,
-            b2: float, eps: float, *, step: float) -> None:
+def _adamw_(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    lr: float,
+    wd: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    *,
+    step: float,
+) -> None:
     """``torch.optim.AdamW``'s single-tensor update of ``p`` (in place), at bias-correction step ``step``."""
     p.mul_(1 - lr * wd)
     m.lerp_(g, 1 - b1)
@@ -92,10 +103,18 @@ class MoSAAdamW(torch.optim.Optimizer):
         ValueError: on an unknown ``inactive`` or a MoSA parameter missing from ``params``.
     """
 
-    def __init__(self, params: Any, *, router: Router | None = None,
-                 layers: Mapping[int, SparseExpertLinear] | None = None, inactive: Inactive = "skip",
-                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
+    def __init__(
+        self,
+        params: Any,
+        *,
+        router: Router | None = None,
+        layers: Mapping[int, SparseExpertLinear] | None = None,
+        inactive: Inactive = "skip",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
         if inactive not in ("skip", "coast"):
             raise ValueError(f"optim.inactive: got {inactive!r}; allowed values are 'skip', 'coast'")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -111,8 +130,11 @@ class MoSAAdamW(torch.optim.Optimizer):
         self._layout: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # id(param) -> (first slot, ranges)
         slot = 0
         for layer in self.layers:
-            missing = [n for n, p in (("slices", layer.slices), ("biases", getattr(layer, "biases", None)))
-                       if p is not None and id(p) not in self._own]
+            missing = [
+                n
+                for n, p in (("slices", layer.slices), ("biases", getattr(layer, "biases", None)))
+                if p is not None and id(p) not in self._own
+            ]
             if missing:
                 raise ValueError(f"{layer.name}: {', '.join(missing)} not in the optimizer's param groups")
             self._slot0[layer.route_id] = slot
@@ -122,10 +144,12 @@ class MoSAAdamW(torch.optim.Optimizer):
             slot += layer.num_experts
         self.num_slots = slot
         self._sizes = [layer.num_experts for layer in self.layers]
-        self._slot_route = torch.tensor([layer.route_id for layer in self.layers for _ in range(layer.num_experts)],
-                                        dtype=torch.int64)
-        self._slot_expert = torch.tensor([k for layer in self.layers for k in range(layer.num_experts)],
-                                         dtype=torch.int64)
+        self._slot_route = torch.tensor(
+            [layer.route_id for layer in self.layers for _ in range(layer.num_experts)], dtype=torch.int64
+        )
+        self._slot_expert = torch.tensor(
+            [k for layer in self.layers for k in range(layer.num_experts)], dtype=torch.int64
+        )
         self._runs: dict[int, tuple[torch.Tensor, _Runs | None]] = {}
         self._bound = False
         self._window: Window | None | object = object()  # the routing window last advanced for
@@ -177,8 +201,14 @@ class MoSAAdamW(torch.optim.Optimizer):
             lengths.append(numel - pos)
             slots.append(-1)
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        return _Runs(starts, lengths, slots, numel, torch.tensor(lengths, dtype=torch.int64),
-                     torch.tensor(slots, dtype=torch.int64))
+        return _Runs(
+            starts,
+            lengths,
+            slots,
+            numel,
+            torch.tensor(lengths, dtype=torch.int64),
+            torch.tensor(slots, dtype=torch.int64),
+        )
 
     def slot_key(self, slot: int) -> tuple[int, int]:
         """``(route id, expert)`` of a slot number."""
@@ -193,8 +223,11 @@ class MoSAAdamW(torch.optim.Optimizer):
         runs = self._runs_for(tensor)
         if runs is None:
             return []
-        return [(self.slot_key(slot), start, length)
-                for start, length, slot in zip(runs.starts, runs.lengths, runs.slots) if slot >= 0]
+        return [
+            (self.slot_key(slot), start, length)
+            for start, length, slot in zip(runs.starts, runs.lengths, runs.slots)
+            if slot >= 0
+        ]
 
     def _runs_for(self, p: torch.Tensor) -> _Runs | None:
         entry = self._runs.get(id(p))
@@ -209,7 +242,8 @@ class MoSAAdamW(torch.optim.Optimizer):
         raise RuntimeError(
             f"MoSAAdamW was asked to step a tensor of {p.numel()} values it cannot map to MoSA expert ranges"
             + (" (bound tensors differ: was the engine rebuilt?)" if self._bound else "")
-            + "; call mosa_scale.engine.deepspeed_engine.bind_optimizer(engine, optimizer) after deepspeed.initialize")
+            + "; call mosa_scale.engine.deepspeed_engine.bind_optimizer(engine, optimizer) after deepspeed.initialize"
+        )
 
     # ------------------------------------------------------------------ per optimizer step
     def _advance(self) -> None:
@@ -232,11 +266,14 @@ class MoSAAdamW(torch.optim.Optimizer):
             stepped = stepped | (before > 0)  # a copy steps every step from its first use on
         add = stepped.to(before.dtype)
         torch._foreach_add_(steps, list(add.split(self._sizes)))
-        factors = [1.0 - float(g["lr"]) * float(g["weight_decay"])
-                   for g in (self._groups[self._group_index[id(layer.slices)]] for layer in self.layers)]
+        factors = [
+            1.0 - float(g["lr"]) * float(g["weight_decay"])
+            for g in (self._groups[self._group_index[id(layer.slices)]] for layer in self.layers)
+        ]
         if any(f != 1.0 for f in factors):  # the reference's decoupled decay of the copy's off-mask W0 entries
-            per_slot = torch.repeat_interleave(torch.tensor(factors, dtype=self.layers[0].decay.dtype),
-                                               torch.tensor(self._sizes)).to(dev)
+            per_slot = torch.repeat_interleave(
+                torch.tensor(factors, dtype=self.layers[0].decay.dtype), torch.tensor(self._sizes)
+            ).to(dev)
             mult = torch.where(stepped, per_slot, 1.0)
             torch._foreach_mul_([layer.decay for layer in self.layers], list(mult.split(self._sizes)))
         counts = before + add
@@ -301,8 +338,16 @@ class MoSAAdamW(torch.optim.Optimizer):
             return
         self._update_masked(p, g, m, v, runs, hyper, dense_step)
 
-    def _update_masked(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, runs: _Runs,
-                       hyper: tuple[float, ...], dense_step: float) -> None:
+    def _update_masked(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        m: torch.Tensor,
+        v: torch.Tensor,
+        runs: _Runs,
+        hyper: tuple[float, ...],
+        dense_step: float,
+    ) -> None:
         """The same update for many runs at once: per-element bias corrections, elements of runs
         that do not step kept bit-identical."""
         lr, wd, b1, b2, eps = hyper
@@ -339,9 +384,22 @@ class MoSAAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def for_model(cls, model: torch.nn.Module, *, router: Router | None, weight_decay: float,
-                  inactive: Inactive = "skip", **kwargs: Any) -> MoSAAdamW:
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        *,
+        router: Router | None,
+        weight_decay: float,
+        inactive: Inactive = "skip",
+        **kwargs: Any,
+    ) -> MoSAAdamW:
         """Builds the groups of ``model`` and the optimizer over them."""
         layers = {m.route_id: m for m in sparse_layers(model).values()}
-        return cls(build_param_groups(model, weight_decay=weight_decay), router=router, layers=layers,
-                   inactive=inactive, weight_decay=weight_decay, **kwargs)
+        return cls(
+            build_param_groups(model, weight_decay=weight_decay),
+            router=router,
+            layers=layers,
+            inactive=inactive,
+            weight_decay=weight_decay,
+            **kwargs,
+        )

@@ -50,8 +50,13 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # DeepSpeed's own defaults for the ZeRO-3 knobs the plan reads (deepspeed/runtime/zero/config.py)
-ZERO_DEFAULTS = {"stage3_max_reuse_distance": 1_000_000_000, "stage3_param_persistence_threshold": 100_000,
-                 "reduce_bucket_size": 500_000_000, "contiguous_gradients": True, "memory_efficient_linear": True}
+ZERO_DEFAULTS = {
+    "stage3_max_reuse_distance": 1_000_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "reduce_bucket_size": 500_000_000,
+    "contiguous_gradients": True,
+    "memory_efficient_linear": True,
+}
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,7 @@ class Hardware:
         for key, table in PEAK_FLOPS:
             if key in self.name:
                 return table[precision]
-        raise ValueError(f"gpu {self.name!r}: not in the FLOPs table ({[k for k, _ in PEAK_FLOPS]}); "
-                         "give peak_tflops")
+        raise ValueError(f"gpu {self.name!r}: not in the FLOPs table ({[k for k, _ in PEAK_FLOPS]}); give peak_tflops")
 
 
 @dataclass
@@ -129,14 +133,25 @@ def _meta_model(cfg: RunConfig, num_classes: int, zero3_linear: bool = False) ->
                 p.data = p.data.to(half)
     size = cfg.data.image_size or backbone.image.size
     passes = 2 if cfg.consistency.enabled else 1
-    traces = [trace_step(model, backbone, router, micro_batch=cfg.train.micro_batch, image_size=size, passes=passes,
-                         gradient_checkpointing=cfg.train.gradient_checkpointing,
-                         input_dtype=half or torch.float32, saving_linear=saving)
-              for saving in [False] + ([True] if zero3_linear else [])]
+    traces = [
+        trace_step(
+            model,
+            backbone,
+            router,
+            micro_batch=cfg.train.micro_batch,
+            image_size=size,
+            passes=passes,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            input_dtype=half or torch.float32,
+            saving_linear=saving,
+        )
+        for saving in [False] + ([True] if zero3_linear else [])
+    ]
     flops = step_flops(model, backbone, image_size=size, global_batch=1, consistency=cfg.consistency.enabled)
     # checkpointed blocks run their forward again in the backward (blocks hold nearly all FLOPs)
-    recompute = passes * (flops["forward_frozen"] + flops["forward_trainable"]) if (
-        cfg.train.gradient_checkpointing) else 0.0
+    recompute = (
+        passes * (flops["forward_frozen"] + flops["forward_trainable"]) if (cfg.train.gradient_checkpointing) else 0.0
+    )
     tower = [(p.numel(), p.element_size()) for p in model.parameters() if not p.requires_grad]
     trainable = [(p.numel(), p.element_size()) for p in model.parameters() if p.requires_grad]
     return _Model(traces[0], traces[1] if zero3_linear else None, flops, recompute, tower, trainable, backbone.name)
@@ -162,8 +177,7 @@ def owned_params(trace: StepTrace) -> dict[str, list]:
     return owner
 
 
-def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persistence_threshold: int
-                   ) -> dict[str, int]:
+def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persistence_threshold: int) -> dict[str, int]:
     """ZeRO-3's gathers over one traced micro-batch in the steady state (prefetching off).
 
     A module's fetch gathers its parameters that are not whole (own, and the ones it read while
@@ -227,8 +241,12 @@ def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persist
                 if i in avail and i not in window:
                     avail.discard(i)
                     live -= size[i]
-        result = {"gather_calls": calls, "gather_bytes": total, "tower_gather_bytes": tower,
-                  "peak_gathered_bytes": peak}
+        result = {
+            "gather_calls": calls,
+            "gather_bytes": total,
+            "tower_gather_bytes": tower,
+            "peak_gathered_bytes": peak,
+        }
     result["persistent_bytes"] = sum(info[i].numel * info[i].elem_bytes for i in persistent)
     return result
 
@@ -266,14 +284,22 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
         buffers = int(knob["reduce_bucket_size"]) * pb
     comm: dict[str, float] = {}
     if stage == 3:
-        z = simulate_zero3(m.trace, world, reuse_distance=int(knob["stage3_max_reuse_distance"]),
-                           persistence_threshold=int(knob["stage3_param_persistence_threshold"]))
+        z = simulate_zero3(
+            m.trace,
+            world,
+            reuse_distance=int(knob["stage3_max_reuse_distance"]),
+            persistence_threshold=int(knob["stage3_param_persistence_threshold"]),
+        )
         gathered, persistent = z["peak_gathered_bytes"], z["persistent_bytes"]
-        comm.update(gather_calls_per_micro_batch=z["gather_calls"], gather_bytes=z["gather_bytes"] * gas,
-                    tower_gather_bytes=z["tower_gather_bytes"] * gas,
-                    tower_gathers_per_step=z["tower_gather_bytes"] * gas / max(1, sum(
-                        _pad(n, world) * world * b for n, b in m.tower)),
-                    grad_reduce_scatter_bytes=part * world * pb * gas)
+        comm.update(
+            gather_calls_per_micro_batch=z["gather_calls"],
+            gather_bytes=z["gather_bytes"] * gas,
+            tower_gather_bytes=z["tower_gather_bytes"] * gas,
+            tower_gathers_per_step=z["tower_gather_bytes"]
+            * gas
+            / max(1, sum(_pad(n, world) * world * b for n, b in m.tower)),
+            grad_reduce_scatter_bytes=part * world * pb * gas,
+        )
         traffic = (world - 1) / world * (comm["gather_bytes"] + comm["grad_reduce_scatter_bytes"])
     elif stage in (1, 2):
         comm.update(grad_reduce_bytes=t_numel * pb * (gas if stage == 2 else 1), param_gather_bytes=t_numel * pb)
@@ -282,24 +308,43 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
         comm.update(grad_all_reduce_bytes=t_numel * pb)
         traffic = 2 * (world - 1) / world * comm["grad_all_reduce_bytes"]
     comm["traffic_bytes_per_gpu"] = traffic
-    memory = {"tower": tower, "adapter_params": params, "gradients": grads, "fp32_master": master,
-              "optimizer_state": adam, "activations": act, "zero_buffers": buffers, "zero3_gathered": gathered,
-              "zero3_persistent": persistent, "overhead": hw.overhead_gib * GIB}
+    memory = {
+        "tower": tower,
+        "adapter_params": params,
+        "gradients": grads,
+        "fp32_master": master,
+        "optimizer_state": adam,
+        "activations": act,
+        "zero_buffers": buffers,
+        "zero3_gathered": gathered,
+        "zero3_persistent": persistent,
+        "overhead": hw.overhead_gib * GIB,
+    }
     memory["total"] = sum(memory.values())
     samples = cfg.train.micro_batch * gas
     flops = samples * (m.flops["per_sample"] + m.recompute_flops)
     bw = (hw.intra_node_gbs if world <= hw.gpus_per_node else hw.inter_node_gbs) * 1e9
     compute_s = flops / (hw.peak(cfg.train.precision if half else cfg.model.precision) * hw.mfu)
     comm_s = traffic / bw if world > 1 else 0.0
-    return {"fits": memory["total"] <= hw.memory_gib * GIB,
-            "memory_gib": {k: round(v / GIB, 3) for k, v in memory.items()},
-            "memory_bytes": memory, "communication": comm,
-            "flops_per_gpu": flops, "time_s": {"compute": compute_s, "communication": comm_s,
-                                               "step": compute_s + comm_s}}
+    return {
+        "fits": memory["total"] <= hw.memory_gib * GIB,
+        "memory_gib": {k: round(v / GIB, 3) for k, v in memory.items()},
+        "memory_bytes": memory,
+        "communication": comm,
+        "flops_per_gpu": flops,
+        "time_s": {"compute": compute_s, "communication": comm_s, "step": compute_s + comm_s},
+    }
 
 
-def plan_run(cfg: RunConfig, *, world_size: int, hardware: Hardware, num_classes: int = 1000,
-             stages: tuple[int, ...] = (0, 1, 2, 3), zero: dict[str, Any] | None = None) -> dict[str, Any]:
+def plan_run(
+    cfg: RunConfig,
+    *,
+    world_size: int,
+    hardware: Hardware,
+    num_classes: int = 1000,
+    stages: tuple[int, ...] = (0, 1, 2, 3),
+    zero: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Per-GPU memory, communication, FLOPs and time of ``cfg`` at each ZeRO stage, and a verdict.
 
     Args:
@@ -321,48 +366,68 @@ def plan_run(cfg: RunConfig, *, world_size: int, hardware: Hardware, num_classes
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: must be >= 1")
     zeros = {s: dict(zero) if zero is not None else zero_settings(cfg, s) for s in stages}
-    m = _meta_model(cfg, num_classes, zero3_linear=3 in stages and bool(
-        {**ZERO_DEFAULTS, **zeros.get(3, {})}["memory_efficient_linear"]))
+    m = _meta_model(
+        cfg,
+        num_classes,
+        zero3_linear=3 in stages and bool({**ZERO_DEFAULTS, **zeros.get(3, {})}["memory_efficient_linear"]),
+    )
     rows = {str(s): _stage(m, cfg, s, world_size, hardware, zeros[s]) for s in stages}
     fits = [int(s) for s, r in rows.items() if r["fits"]]
-    fastest = min(fits, key=lambda s: (rows[str(s)]["time_s"]["step"], rows[str(s)]["memory_bytes"]["total"]),
-                  default=None)
-    return {"backbone": m.name, "tower_params": sum(n for n, _ in m.tower),
-            "trainable_params": sum(n for n, _ in m.trainable), "world_size": world_size,
-            "micro_batch": cfg.train.micro_batch, "precision": cfg.train.precision,
-            "tower_precision": cfg.model.precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
-            "consistency": cfg.consistency.enabled, "image_size": cfg.data.image_size,
-            "hardware": dataclasses.asdict(hardware), "stages": rows,
-            "verdict": {"fits": fits, "fastest": fastest,
-                        "summary": _summary(rows, fits, fastest, hardware)}}
+    fastest = min(
+        fits, key=lambda s: (rows[str(s)]["time_s"]["step"], rows[str(s)]["memory_bytes"]["total"]), default=None
+    )
+    return {
+        "backbone": m.name,
+        "tower_params": sum(n for n, _ in m.tower),
+        "trainable_params": sum(n for n, _ in m.trainable),
+        "world_size": world_size,
+        "micro_batch": cfg.train.micro_batch,
+        "precision": cfg.train.precision,
+        "tower_precision": cfg.model.precision,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "consistency": cfg.consistency.enabled,
+        "image_size": cfg.data.image_size,
+        "hardware": dataclasses.asdict(hardware),
+        "stages": rows,
+        "verdict": {"fits": fits, "fastest": fastest, "summary": _summary(rows, fits, fastest, hardware)},
+    }
 
 
 def _summary(rows: dict[str, Any], fits: list[int], fastest: int | None, hw: Hardware) -> str:
     if fastest is None:
         least = min(rows, key=lambda s: rows[s]["memory_bytes"]["total"])
-        return (f"does not fit on {hw.memory_gib:g} GiB at any stage (least: ZeRO-{least} at "
-                f"{rows[least]['memory_gib']['total']:.1f} GiB): more GPUs, a smaller micro-batch, "
-                "activation checkpointing, or a bf16 tower")
+        return (
+            f"does not fit on {hw.memory_gib:g} GiB at any stage (least: ZeRO-{least} at "
+            f"{rows[least]['memory_gib']['total']:.1f} GiB): more GPUs, a smaller micro-batch, "
+            "activation checkpointing, or a bf16 tower"
+        )
     r = rows[str(fastest)]
-    return (f"ZeRO-{fastest}: {r['memory_gib']['total']:.1f} GiB of {hw.memory_gib:g} per GPU, about "
-            f"{r['time_s']['step']:.2f} s per step; fits at stages {fits}")
+    return (
+        f"ZeRO-{fastest}: {r['memory_gib']['total']:.1f} GiB of {hw.memory_gib:g} per GPU, about "
+        f"{r['time_s']['step']:.2f} s per step; fits at stages {fits}"
+    )
 
 
 def format_plan(p: dict[str, Any]) -> str:
     """A readable table of :func:`plan_run`'s result."""
-    lines = [f"{p['backbone']}: tower {p['tower_params'] / 1e6:.1f} M ({p['tower_precision']}), adapter + head "
-             f"{p['trainable_params'] / 1e6:.2f} M, {p['world_size']} x {p['hardware']['name']} "
-             f"({p['hardware']['memory_gib']:g} GiB), micro-batch {p['micro_batch']}, {p['precision']}, "
-             f"checkpointing {'on' if p['gradient_checkpointing'] else 'off'}"]
+    lines = [
+        f"{p['backbone']}: tower {p['tower_params'] / 1e6:.1f} M ({p['tower_precision']}), adapter + head "
+        f"{p['trainable_params'] / 1e6:.2f} M, {p['world_size']} x {p['hardware']['name']} "
+        f"({p['hardware']['memory_gib']:g} GiB), micro-batch {p['micro_batch']}, {p['precision']}, "
+        f"checkpointing {'on' if p['gradient_checkpointing'] else 'off'}"
+    ]
     items = list(next(iter(p["stages"].values()))["memory_gib"])
     lines.append(f"{'GiB per GPU':<18}" + "".join(f"{'ZeRO-' + s:>11}" for s in p["stages"]))
     for item in items:
         lines.append(f"{item:<18}" + "".join(f"{r['memory_gib'][item]:>11.2f}" for r in p["stages"].values()))
     lines.append(f"{'fits':<18}" + "".join(f"{str(r['fits']):>11}" for r in p["stages"].values()))
-    lines.append(f"{'traffic GB/step':<18}" + "".join(
-        f"{r['communication']['traffic_bytes_per_gpu'] / 1e9:>11.2f}" for r in p["stages"].values()))
-    lines.append(f"{'TFLOP/step/GPU':<18}" + "".join(f"{r['flops_per_gpu'] / 1e12:>11.2f}"
-                                                     for r in p["stages"].values()))
+    lines.append(
+        f"{'traffic GB/step':<18}"
+        + "".join(f"{r['communication']['traffic_bytes_per_gpu'] / 1e9:>11.2f}" for r in p["stages"].values())
+    )
+    lines.append(
+        f"{'TFLOP/step/GPU':<18}" + "".join(f"{r['flops_per_gpu'] / 1e12:>11.2f}" for r in p["stages"].values())
+    )
     lines.append(f"{'step s (upper)':<18}" + "".join(f"{r['time_s']['step']:>11.3f}" for r in p["stages"].values()))
     lines.append("verdict: " + p["verdict"]["summary"])
     return "\n".join(lines)

@@ -93,8 +93,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {self._key(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            self._key(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -125,8 +126,9 @@ class _SavingLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias = ctx.saved_tensors
         gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        gw = grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] \
-            else None
+        gw = (
+            grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        )
         gb = grad.reshape(-1, grad.shape[-1]).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
@@ -136,13 +138,21 @@ def _saving_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _param_infos(module: nn.Module) -> list[ParamInfo]:
-    return [ParamInfo(id(p), p.numel(), p.element_size(), p.requires_grad)
-            for p in module.parameters(recurse=False)]
+    return [ParamInfo(id(p), p.numel(), p.element_size(), p.requires_grad) for p in module.parameters(recurse=False)]
 
 
-def trace_step(model: nn.Module, backbone: Backbone, router: Router, *, micro_batch: int, image_size: int,
-               passes: int = 1, gradient_checkpointing: bool = False,
-               input_dtype: torch.dtype = torch.float32, saving_linear: bool = False) -> StepTrace:
+def trace_step(
+    model: nn.Module,
+    backbone: Backbone,
+    router: Router,
+    *,
+    micro_batch: int,
+    image_size: int,
+    passes: int = 1,
+    gradient_checkpointing: bool = False,
+    input_dtype: torch.dtype = torch.float32,
+    saving_linear: bool = False,
+) -> StepTrace:
     """Runs one training micro-batch (``passes`` forwards, then the backward) of a meta-device
     ``model`` and records it.
 

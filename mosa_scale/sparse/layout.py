@@ -105,7 +105,7 @@ def layer_keys(state: Mapping[str, object], prefix: str) -> list[str]:
     out = []
     for k in state:
         if k.startswith(prefix + "."):
-            leaf = k[len(prefix) + 1:]
+            leaf = k[len(prefix) + 1 :]
             if leaf in PARAMS or leaf in BUFFERS or _LEGACY.match(leaf):
                 out.append(k)
     return out
@@ -148,11 +148,17 @@ def read_layer(state: Mapping[str, torch.Tensor], prefix: str) -> SavedLayer:
         raise KeyError(f"MoSA layer {prefix!r} is incomplete: missing {', '.join(missing)}")
     dims_t = state[f"{prefix}.dims"]
     dims = (int(dims_t[0]), int(dims_t[1]))
-    layer = SavedLayer(prefix=prefix, slices=state[f"{prefix}.{SLICES}"].reshape(-1),
-                       biases=state[f"{prefix}.{BIASES}"].reshape(-1) if f"{prefix}.{BIASES}" in state else None,
-                       base=state[f"{prefix}.base"].reshape(-1), assign=state[f"{prefix}.assign"].reshape(-1),
-                       decay=state[f"{prefix}.decay"].reshape(-1), dims=dims,
-                       steps=state.get(f"{prefix}.steps"), bias_assign=state.get(f"{prefix}.bias_assign"))
+    layer = SavedLayer(
+        prefix=prefix,
+        slices=state[f"{prefix}.{SLICES}"].reshape(-1),
+        biases=state[f"{prefix}.{BIASES}"].reshape(-1) if f"{prefix}.{BIASES}" in state else None,
+        base=state[f"{prefix}.base"].reshape(-1),
+        assign=state[f"{prefix}.assign"].reshape(-1),
+        decay=state[f"{prefix}.decay"].reshape(-1),
+        dims=dims,
+        steps=state.get(f"{prefix}.steps"),
+        bias_assign=state.get(f"{prefix}.bias_assign"),
+    )
     entries = dims[0] * dims[1]
     problems = []
     if layer.assign.numel() != entries:

@@ -33,9 +33,20 @@ class _ComposeExpert(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, scale: float, base: torch.Tensor, decay: torch.Tensor, index: torch.Tensor,
-                slices: torch.Tensor, offset: int, length: int, biases: torch.Tensor | None,
-                b_index: torch.Tensor | None, b_offset: int, b_length: int) -> Any:
+    def forward(
+        ctx: Any,
+        scale: float,
+        base: torch.Tensor,
+        decay: torch.Tensor,
+        index: torch.Tensor,
+        slices: torch.Tensor,
+        offset: int,
+        length: int,
+        biases: torch.Tensor | None,
+        b_index: torch.Tensor | None,
+        b_offset: int,
+        b_length: int,
+    ) -> Any:
         ctx.scale, ctx.ranges = scale, (offset, length, b_offset, b_length)
         ctx.numels = (slices.numel(), 0 if biases is None else biases.numel())
         # (D,) s_k * W0, or zeros when W0 is zero (an empty base)
@@ -123,8 +134,18 @@ class SparseExpertLinear(nn.Module):
         router: Shared :class:`Router`; this layer registers itself and gets a route id.
     """
 
-    def __init__(self, weight: torch.Tensor, *, bias: bool, num_experts: int, name: str, seed: int,
-                 mode: str, split_bias: bool, router: Router) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        bias: bool,
+        num_experts: int,
+        name: str,
+        seed: int,
+        mode: str,
+        split_bias: bool,
+        router: Router,
+    ) -> None:
         super().__init__()
         if num_experts < 2:
             raise ValueError(f"num_experts: got {num_experts}; a SparseExpertLinear needs N >= 2")
@@ -140,8 +161,9 @@ class SparseExpertLinear(nn.Module):
         self.register_buffer("steps", torch.zeros(num_experts, dtype=torch.int64))  # optimizer steps per expert
         self.register_buffer("dims", torch.tensor([out_f, in_f], dtype=torch.int64))
         if bias and split_bias:
-            self.register_buffer("bias_assign", partition((out_f,), num_experts, seed=seed, name=f"{name}.bias",
-                                                          mode="all"))
+            self.register_buffer(
+                "bias_assign", partition((out_f,), num_experts, seed=seed, name=f"{name}.bias", mode="all")
+            )
         self._rebuild_indices()
         self.slices = nn.Parameter(w0[self.order].clone())  # (D,) expert-major
         if bias:
@@ -174,20 +196,26 @@ class SparseExpertLinear(nn.Module):
         offset, length = self.ranges[k]
         index = self.order.narrow(0, offset, length)
         if not self.has_bias:
-            weight = _ComposeExpert.apply(scale, self.base, self.decay[k], index, self.slices, offset, length,
-                                          None, None, 0, 0)
+            weight = _ComposeExpert.apply(
+                scale, self.base, self.decay[k], index, self.slices, offset, length, None, None, 0, 0
+            )
             return weight.reshape(self.out_features, self.in_features), None
         b_off, b_len = self.bias_ranges[k]
         b_index = self.bias_order.narrow(0, b_off, b_len) if self.split_bias else None
-        weight, bias = _ComposeExpert.apply(scale, self.base, self.decay[k], index, self.slices, offset, length,
-                                            self.biases, b_index, b_off, b_len)
+        weight, bias = _ComposeExpert.apply(
+            scale, self.base, self.decay[k], index, self.slices, offset, length, self.biases, b_index, b_off, b_len
+        )
         return weight.reshape(self.out_features, self.in_features), bias
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged dense weight and bias (used for evaluation)."""
         return merged_weight_and_bias(
-            self.slices.detach(), self.biases.detach() if self.has_bias else None,
-            base=self.base, assign=self.assign, decay=self.decay, dims=(self.out_features, self.in_features),
+            self.slices.detach(),
+            self.biases.detach() if self.has_bias else None,
+            base=self.base,
+            assign=self.assign,
+            decay=self.decay,
+            dims=(self.out_features, self.in_features),
             bias_assign=getattr(self, "bias_assign", None) if self.split_bias else None,
         )
 
@@ -210,8 +238,11 @@ class SparseExpertLinear(nn.Module):
         and while none of its inputs was replaced or changed in place (``train()`` drops it)."""
         if not self.training:
             key, cached = self._merge_key(), self._merged_cache
-            if cached is None or len(cached[0]) != len(key) or any(
-                    a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], key)):
+            if (
+                cached is None
+                or len(cached[0]) != len(key)
+                or any(a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], key))
+            ):
                 self._merged_cache = cached = (key, self.merged())
             return cached[1]
         router = self._router[0]

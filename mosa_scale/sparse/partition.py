@@ -25,9 +25,7 @@ def _bins(scores: torch.Tensor, num_experts: int) -> torch.Tensor:
     return out
 
 
-def partition(
-    shape: tuple[int, ...], num_experts: int, *, seed: int, name: str, mode: str = "all"
-) -> torch.Tensor:
+def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str, mode: str = "all") -> torch.Tensor:
     """Assigns every entry of a weight to one of N experts.
 
     Scores come from a generator seeded by (``seed``, ``name``) only, so the partition never

@@ -157,8 +157,12 @@ class Router:
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "scope": self.scope, "world_size": self.world_size,
-                "num_experts": list(self.num_experts)}
+        return {
+            "seed": self.seed,
+            "scope": self.scope,
+            "world_size": self.world_size,
+            "num_experts": list(self.num_experts),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Checks a saved router matches this one (plans depend on nothing else but the step).

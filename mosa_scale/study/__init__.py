@@ -10,6 +10,22 @@ from mosa_scale.study.study import Study, StudyError, StudySettings, report_only
 from mosa_scale.study.tasks import TASKS, Split, Task, load_tasks
 
 __all__ = [
-    "DENSE", "METHODS", "TASKS", "FinalConfig", "RowStore", "RunSpec", "Split", "Study", "StudyError", "StudyGrid",
-    "StudySettings", "Task", "Variant", "load_tasks", "report_only", "summarize", "train_and_evaluate", "write_report",
+    "DENSE",
+    "METHODS",
+    "TASKS",
+    "FinalConfig",
+    "RowStore",
+    "RunSpec",
+    "Split",
+    "Study",
+    "StudyError",
+    "StudyGrid",
+    "StudySettings",
+    "Task",
+    "Variant",
+    "load_tasks",
+    "report_only",
+    "summarize",
+    "train_and_evaluate",
+    "write_report",
 ]

@@ -74,8 +74,17 @@ class StudyGrid:
 
     def __post_init__(self) -> None:
         p = Problems()
-        for name in ("tasks", "methods", "lrs", "final_steps", "final_seeds", "experts", "shares", "lora_shares",
-                     "consistency"):
+        for name in (
+            "tasks",
+            "methods",
+            "lrs",
+            "final_steps",
+            "final_seeds",
+            "experts",
+            "shares",
+            "lora_shares",
+            "consistency",
+        ):
             values = getattr(self, name)
             if not values:
                 p.add(name, "must not be empty")
@@ -149,23 +158,38 @@ class StudyGrid:
 
     def phase_a(self, rows: Rows | None = None) -> list[RunSpec]:
         """The rate runs the rows call for so far (rerun after they are in, until none is missing)."""
-        return [RunSpec(t, m, self.first_variant(m), lr, self.select_steps, self.select_seed, "val", "A")
-                for m in self.methods for lr in self.method_lrs(rows or {}, m) for t in self.tasks]
+        return [
+            RunSpec(t, m, self.first_variant(m), lr, self.select_steps, self.select_seed, "val", "A")
+            for m in self.methods
+            for lr in self.method_lrs(rows or {}, m)
+            for t in self.tasks
+        ]
 
     def phase_b(self, lrs: dict[str, float]) -> list[RunSpec]:
-        return [RunSpec(t, m, v, lrs[m], self.select_steps, self.select_seed, "val", "B")
-                for m in self.methods if parse_method(m)[0] in SPARSE for v in self.variants(m) for t in self.tasks]
+        return [
+            RunSpec(t, m, v, lrs[m], self.select_steps, self.select_seed, "val", "B")
+            for m in self.methods
+            if parse_method(m)[0] in SPARSE
+            for v in self.variants(m)
+            for t in self.tasks
+        ]
 
     def phase_c(self, configs: list[FinalConfig]) -> list[RunSpec]:
         """Shortest schedule first, then seed by seed, so a study stopped early has whole tables."""
-        return [RunSpec(t, c.method, c.variant, c.lr, steps, seed, "test", "C")
-                for steps in self.final_steps for seed in self.final_seeds for t in self.tasks for c in configs]
+        return [
+            RunSpec(t, c.method, c.variant, c.lr, steps, seed, "test", "C")
+            for steps in self.final_steps
+            for seed in self.final_seeds
+            for t in self.tasks
+            for c in configs
+        ]
 
     # ------------------------------------------------------------------ choices
     def val_score(self, rows: Rows, method: str, variant: Variant, lr: float) -> float | None:
         """Mean validation top-1 over the tasks; None while a task's run is missing."""
-        accs = [rows.get(RunSpec(t, method, variant, lr, self.select_steps, self.select_seed, "val").id)
-                for t in self.tasks]
+        accs = [
+            rows.get(RunSpec(t, method, variant, lr, self.select_steps, self.select_seed, "val").id) for t in self.tasks
+        ]
         return None if any(a is None for a in accs) else statistics.fmean(a["top1"] for a in accs)
 
     def choose_lrs(self, rows: Rows) -> dict[str, float]:
@@ -194,8 +218,9 @@ class StudyGrid:
                 chosen[m][n] = _best(variants, scores, [i for i, v in enumerate(variants) if v.num_experts == n])
         return chosen
 
-    def gain_method(self, rows: Rows, lrs: dict[str, float],
-                    variants: dict[str, dict[int | None, Variant]]) -> str | None:
+    def gain_method(
+        self, rows: Rows, lrs: dict[str, float], variants: dict[str, dict[int | None, Variant]]
+    ) -> str | None:
         """The MoSA semantics whose best variant has the higher validation score (None: no MoSA)."""
         mosa = [m for m in self.methods if parse_method(m)[0] == "mosa" and m in variants]
         if not mosa:
@@ -203,8 +228,9 @@ class StudyGrid:
         scores = [self.val_score(rows, m, variants[m][None], lrs[m]) for m in mosa]
         return mosa[max(range(len(mosa)), key=lambda i: (scores[i], -i))]
 
-    def final_configs(self, lrs: dict[str, float], variants: dict[str, dict[int | None, Variant]],
-                      gain_method: str | None) -> list[FinalConfig]:
+    def final_configs(
+        self, lrs: dict[str, float], variants: dict[str, dict[int | None, Variant]], gain_method: str | None
+    ) -> list[FinalConfig]:
         """Phase C's configurations (each once, in method order); ``gain_method`` also gets its
         best variant at every N."""
         configs: list[FinalConfig] = []
@@ -216,8 +242,11 @@ class StudyGrid:
             best = variants[m][None]
             configs.append(FinalConfig(m, best, lrs[m], "best"))
             if m == gain_method:
-                configs += [FinalConfig(m, variants[m][n], lrs[m], f"best at N {n}")
-                            for n in self.experts if variants[m][n] != best]
+                configs += [
+                    FinalConfig(m, variants[m][n], lrs[m], f"best at N {n}")
+                    for n in self.experts
+                    if variants[m][n] != best
+                ]
         return configs
 
     def plan(self, rows: Rows) -> tuple[list[RunSpec], bool]:
@@ -236,12 +265,17 @@ class StudyGrid:
         chosen = self.choose_variants(rows, lrs) if final else {}
         sparse = [m for m in self.methods if parse_method(m)[0] in SPARSE]
         final = final and len(chosen) == len(sparse)
-        gain = self.gain_method(rows, lrs, chosen) if final else next(
-            (m for m in self.methods if parse_method(m)[0] == "mosa"), None)
+        gain = (
+            self.gain_method(rows, lrs, chosen)
+            if final
+            else next((m for m in self.methods if parse_method(m)[0] == "mosa"), None)
+        )
         for m in sparse:
             if m not in chosen:  # provisional: the base variant, and one more per other N for MoSA
-                chosen[m] = {None: self.base, **{n: Variant(n, self.base.share, self.base.consistency)
-                                                 for n in self.experts}}
+                chosen[m] = {
+                    None: self.base,
+                    **{n: Variant(n, self.base.share, self.base.consistency) for n in self.experts},
+                }
         c = self.phase_c(self.final_configs(lrs_or, chosen, gain))
         runs, seen = [], set()
         for r in (*a, *b, *c):

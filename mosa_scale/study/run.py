@@ -118,12 +118,29 @@ class RunSpec:
     def labels(self) -> dict[str, Any]:
         """The fields of a result row that name this run."""
         v = asdict(self.variant)
-        return {"id": self.id, "phase": self.phase, "task": self.task, "method": self.method, **v,
-                "lr": self.lr, "steps": self.steps, "seed": self.seed, "eval": self.eval}
+        return {
+            "id": self.id,
+            "phase": self.phase,
+            "task": self.task,
+            "method": self.method,
+            **v,
+            "lr": self.lr,
+            "steps": self.steps,
+            "seed": self.seed,
+            "eval": self.eval,
+        }
 
 
-def train_and_evaluate(run: RunSpec, tower: Path, train: Split, evaluate: Split, *, batch: int = 64,
-                       bottleneck: int = 16, weight_decay: float = 0.01) -> dict[str, Any]:
+def train_and_evaluate(
+    run: RunSpec,
+    tower: Path,
+    train: Split,
+    evaluate: Split,
+    *,
+    batch: int = 64,
+    bottleneck: int = 16,
+    weight_decay: float = 0.01,
+) -> dict[str, Any]:
     """Adapts the frozen tower in ``tower`` with ``run``'s method on ``train``; returns top-1 on
     ``evaluate`` (merged weights) with what else was measured.
 
@@ -135,12 +152,16 @@ def train_and_evaluate(run: RunSpec, tower: Path, train: Split, evaluate: Split,
     v = run.variant
     extra = dict(num_experts=v.num_experts, share=v.share) if v.num_experts > 1 else dict(num_experts=1)
     adapter = AdapterConfig(bottleneck=bottleneck, seed=run.seed, **FAMILIES[run.family], **extra)
-    cfg = RunConfig(model=BackboneConfig(family="hf-vit", pretrained=str(tower), pooling="mean"),
-                    adapter=adapter, train=TrainConfig(seed=run.seed))
+    cfg = RunConfig(
+        model=BackboneConfig(family="hf-vit", pretrained=str(tower), pooling="mean"),
+        adapter=adapter,
+        train=TrainConfig(seed=run.seed),
+    )
     router = Router(run.seed)
     model, _, _ = build_model(cfg, router, num_classes=int(train.y.max()) + 1)
-    opt = MoSAAdamW.for_model(model, router=router, weight_decay=weight_decay, lr=run.lr, eps=1e-6,
-                              inactive=run.inactive)
+    opt = MoSAAdamW.for_model(
+        model, router=router, weight_decay=weight_decay, lr=run.lr, eps=1e-6, inactive=run.inactive
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, run.steps, max(1, run.steps // 10)))
     g = torch.Generator().manual_seed(run.seed)
     two = v.consistency and v.num_experts > 1
@@ -149,7 +170,7 @@ def train_and_evaluate(run: RunSpec, tower: Path, train: Split, evaluate: Split,
     for step in range(run.steps):
         if pos + batch > len(train):  # a new epoch: a fresh order, the remainder dropped
             perm, pos = torch.randperm(len(train), generator=g), 0
-        idx = perm[pos:pos + batch]
+        idx = perm[pos : pos + batch]
         pos += batch
         router.begin_step(step, passes=2 if two else 1)
         with router.forward_pass(0, 0):
@@ -166,9 +187,14 @@ def train_and_evaluate(run: RunSpec, tower: Path, train: Split, evaluate: Split,
         losses.append(float(loss.detach()))
     train_seconds = time.perf_counter() - t0
     top1 = accuracy(model, evaluate)  # eval mode: merged weights
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"top1": top1, "train_samples": len(train), "eval_samples": len(evaluate),
-            "final_loss": sum(tail) / len(tail),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "train_seconds": train_seconds, "seconds": time.perf_counter() - t0,
-            "threads": torch.get_num_threads()}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "top1": top1,
+        "train_samples": len(train),
+        "eval_samples": len(evaluate),
+        "final_loss": sum(tail) / len(tail),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - t0,
+        "threads": torch.get_num_threads(),
+    }

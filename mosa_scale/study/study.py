@@ -59,8 +59,15 @@ def _duration(seconds: float) -> str:
 
 
 def _cost(row: dict[str, Any]) -> float:
-    return RunSpec(row["task"], row["method"], Variant(row["num_experts"], row["share"], row["consistency"]),
-                   row["lr"], row["steps"], row["seed"], row["eval"]).cost
+    return RunSpec(
+        row["task"],
+        row["method"],
+        Variant(row["num_experts"], row["share"], row["consistency"]),
+        row["lr"],
+        row["steps"],
+        row["seed"],
+        row["eval"],
+    ).cost
 
 
 class Study:
@@ -74,10 +81,13 @@ class Study:
         self.meta: dict[str, Any] = json.loads(meta.read_text()) if meta.is_file() else {}
         old = self.meta.get("settings")
         if old is not None and old != asdict(settings):
-            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items()
-                             if old.get(k) != v)
-            raise StudyError(f"{self.out} holds a study with other settings ({diff}); its rows would not be "
-                             "comparable: pass the same settings, or use a new --out-dir")
+            diff = ", ".join(
+                f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in asdict(settings).items() if old.get(k) != v
+            )
+            raise StudyError(
+                f"{self.out} holds a study with other settings ({diff}); its rows would not be "
+                "comparable: pass the same settings, or use a new --out-dir"
+            )
         self.meta.update(settings=asdict(settings), grid=grid.to_dict())
         self._write_meta()
         self.rows = RowStore(self.out / "rows.jsonl")
@@ -94,14 +104,17 @@ class Study:
     def run(self) -> list[Path]:
         """Runs every unfinished run, phase by phase; returns the report files."""
         s = self.settings
-        pre_train, pre_test, self.tasks = load_tasks(self.grid.tasks, labelled=s.labelled, val_fraction=s.val_fraction,
-                                                     pretrain_samples=s.pretrain_samples)
-        self.meta["tower"] = ensure_tower(self.out / "tower", pre_train, pre_test, epochs=s.pretrain_epochs,
-                                          seed=s.pretrain_seed)
+        pre_train, pre_test, self.tasks = load_tasks(
+            self.grid.tasks, labelled=s.labelled, val_fraction=s.val_fraction, pretrain_samples=s.pretrain_samples
+        )
+        self.meta["tower"] = ensure_tower(
+            self.out / "tower", pre_train, pre_test, epochs=s.pretrain_epochs, seed=s.pretrain_seed
+        )
         self._write_meta()
         runs, _ = self.grid.plan(self.rows.rows)
-        log.info("study in %s: %d of about %d runs already done", self.out, sum(r.id in self.rows for r in runs),
-                 len(runs))
+        log.info(
+            "study in %s: %d of about %d runs already done", self.out, sum(r.id in self.rows for r in runs), len(runs)
+        )
         g = self.grid
         runs = g.phase_a(self.rows.rows)
         while True:
@@ -114,16 +127,18 @@ class Study:
         self._execute(g.phase_b(lrs), "B")
         variants = g.choose_variants(self.rows.rows, lrs)
         configs = g.final_configs(lrs, variants, g.gain_method(self.rows.rows, lrs, variants))
-        log.info("phase B chose the final configurations: %s",
-                 "; ".join(f"{c.name} lr {c.lr:g} ({c.role})" for c in configs))
+        log.info(
+            "phase B chose the final configurations: %s", "; ".join(f"{c.name} lr {c.lr:g} ({c.role})" for c in configs)
+        )
         self._execute(g.phase_c(configs), "C")
         files = self.report()
         log.info("study complete: %d runs; report in %s", len(self.rows), files[0])
         return files
 
     def report(self, plots: bool = True) -> list[Path]:
-        return write_report(self.out, self.grid, asdict(self.settings), self.meta.get("tower", {}), self.rows.rows,
-                            plots=plots)
+        return write_report(
+            self.out, self.grid, asdict(self.settings), self.meta.get("tower", {}), self.rows.rows, plots=plots
+        )
 
     def _split(self, run: RunSpec) -> tuple[Split, Split]:
         key = (run.task, run.seed, run.eval)
@@ -138,8 +153,15 @@ class Study:
         s = self.settings
         for run in todo:
             train, evaluate = self._split(run)
-            result = train_and_evaluate(run, self.out / "tower", train, evaluate, batch=s.batch,
-                                        bottleneck=s.bottleneck, weight_decay=s.weight_decay)
+            result = train_and_evaluate(
+                run,
+                self.out / "tower",
+                train,
+                evaluate,
+                batch=s.batch,
+                bottleneck=s.bottleneck,
+                weight_decay=s.weight_decay,
+            )
             self.rows.append({**run.labels(), **result, "time": time.time()})
             self._progress(run, result)
             self.report(plots=False)  # the tables stay current; plots at the end of each phase
@@ -153,11 +175,25 @@ class Study:
         per_unit = sum(r["seconds"] for r in done) / max(1e-9, sum(_cost(r) for r in done))
         eta = per_unit * sum(r.cost for r in left)
         finish = datetime.datetime.fromtimestamp(time.time() + eta).strftime("%a %H:%M")
-        log.info("[%d/%s] %s %s %s %s lr %g, %d steps, seed %d: %s top-1 %.2f%% (%.0f s); %d left, ETA %s (%s)%s",
-                 len(planned) - len(left), len(planned) if final else f"~{len(planned)}", run.phase, run.task,
-                 run.method, run.variant.tag, run.lr, run.steps, run.seed, run.eval, 100 * result["top1"],
-                 result["seconds"], len(left), _duration(eta), finish,
-                 "" if final else " (estimated before all choices)")
+        log.info(
+            "[%d/%s] %s %s %s %s lr %g, %d steps, seed %d: %s top-1 %.2f%% (%.0f s); %d left, ETA %s (%s)%s",
+            len(planned) - len(left),
+            len(planned) if final else f"~{len(planned)}",
+            run.phase,
+            run.task,
+            run.method,
+            run.variant.tag,
+            run.lr,
+            run.steps,
+            run.seed,
+            run.eval,
+            100 * result["top1"],
+            result["seconds"],
+            len(left),
+            _duration(eta),
+            finish,
+            "" if final else " (estimated before all choices)",
+        )
 
 
 def report_only(out_dir: str | Path) -> list[Path]:

@@ -107,8 +107,13 @@ class Task:
         return Split(to_tensor(self.pool_images[idx]), torch.from_numpy(self.pool_labels[idx]))
 
 
-def load_tasks(names: tuple[str, ...] = TASKS, *, labelled: int = 1000, val_fraction: float = 0.2,
-               pretrain_samples: int | None = None) -> tuple[Split, Split, dict[str, Task]]:
+def load_tasks(
+    names: tuple[str, ...] = TASKS,
+    *,
+    labelled: int = 1000,
+    val_fraction: float = 0.2,
+    pretrain_samples: int | None = None,
+) -> tuple[Split, Split, dict[str, Task]]:
     """The pretraining train and test splits (Fashion-MNIST 0-4) and the named tasks.
 
     Args:
@@ -133,8 +138,9 @@ def load_tasks(names: tuple[str, ...] = TASKS, *, labelled: int = 1000, val_frac
     pre_test = Split(to_tensor(xte[lo_te]), torch.from_numpy(yte[lo_te]))
     tasks = {}
     if "fmnist_5-9" in names:
-        tasks["fmnist_5-9"] = Task("fmnist_5-9", xtr[~lo_tr], ytr[~lo_tr] - 5, xte[~lo_te], yte[~lo_te] - 5,
-                                   labelled, val_fraction)
+        tasks["fmnist_5-9"] = Task(
+            "fmnist_5-9", xtr[~lo_tr], ytr[~lo_tr] - 5, xte[~lo_te], yte[~lo_te] - 5, labelled, val_fraction
+        )
     if "digits" in names:
         digits = load_builtin("digits")
         tasks["digits"] = Task("digits", digits.images, digits.labels, None, None, labelled, val_fraction)

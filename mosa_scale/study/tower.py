@@ -20,8 +20,17 @@ from mosa_scale.study.tasks import Split
 
 log = logging.getLogger(__name__)
 
-TOWER = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=256, image_size=28,
-             patch_size=7, num_channels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+TOWER = dict(
+    hidden_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    intermediate_size=256,
+    image_size=28,
+    patch_size=7,
+    num_channels=1,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 INFO = "pretrain.json"
 
 
@@ -36,8 +45,10 @@ def cosine(step: int, total: int, warmup: int) -> float:
 def accuracy(model: nn.Module, data: Split, batch: int = 500) -> float:
     """Top-1 of ``model`` in eval mode (MoSA layers use merged weights there)."""
     model.eval()
-    correct = sum(int((model(data.x[i:i + batch]).argmax(-1) == data.y[i:i + batch]).sum())
-                  for i in range(0, len(data), batch))
+    correct = sum(
+        int((model(data.x[i : i + batch]).argmax(-1) == data.y[i : i + batch]).sum())
+        for i in range(0, len(data), batch)
+    )
     model.train()
     return correct / len(data)
 
@@ -57,8 +68,9 @@ class Pretrain(nn.Module):
         return self.head(h[:, 1:].mean(1))  # mean of patch tokens, as the adapted backbone pools
 
 
-def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: int = 128,
-             seed: int = 0) -> dict[str, Any]:
+def pretrain(
+    train: Split, test: Split, out_dir: Path, *, epochs: int, batch: int = 128, seed: int = 0
+) -> dict[str, Any]:
     """Trains :class:`Pretrain` (AdamW 1e-3, wd 0.05, 5% warm-up then cosine, horizontal flips) and
     saves the ViT with ``save_pretrained`` into ``out_dir``; returns what it measured."""
     torch.manual_seed(seed)
@@ -71,7 +83,7 @@ def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: in
     for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=g)
         for i in range(0, len(train) - batch + 1, batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             xb = train.x[idx]
             flip = torch.rand(len(idx), generator=g) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)  # (B, 1, 28, 28)
@@ -81,11 +93,24 @@ def pretrain(train: Split, test: Split, out_dir: Path, *, epochs: int, batch: in
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
-        log.info("pretraining: epoch %d/%d done (%d steps, %.0f s, last loss %.3f)", epoch + 1, epochs, step,
-                 time.perf_counter() - t0, float(loss.detach()))
+        log.info(
+            "pretraining: epoch %d/%d done (%d steps, %.0f s, last loss %.3f)",
+            epoch + 1,
+            epochs,
+            step,
+            time.perf_counter() - t0,
+            float(loss.detach()),
+        )
     model.vit.save_pretrained(str(out_dir))
-    return {"epochs": epochs, "steps": step, "batch": batch, "samples": len(train), "seed": seed,
-            "seconds": time.perf_counter() - t0, "test_top1_classes_0-4": accuracy(model, test)}
+    return {
+        "epochs": epochs,
+        "steps": step,
+        "batch": batch,
+        "samples": len(train),
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "test_top1_classes_0-4": accuracy(model, test),
+    }
 
 
 def ensure_tower(directory: Path, train: Split, test: Split, *, epochs: int, seed: int = 0) -> dict[str, Any]:
@@ -98,8 +123,11 @@ def ensure_tower(directory: Path, train: Split, test: Split, *, epochs: int, see
     info = directory / INFO
     if info.is_file():
         record = json.loads(info.read_text())
-        log.info("reusing the pretrained tower in %s (test top-1 on classes 0-4: %.2f%%)", directory,
-                 100 * record["test_top1_classes_0-4"])
+        log.info(
+            "reusing the pretrained tower in %s (test top-1 on classes 0-4: %.2f%%)",
+            directory,
+            100 * record["test_top1_classes_0-4"],
+        )
         return record
     log.info("pretraining the tower: %d epochs on %d images of Fashion-MNIST classes 0-4", epochs, len(train))
     tmp = directory.with_name(directory.name + ".partial")
@@ -109,6 +137,9 @@ def ensure_tower(directory: Path, train: Split, test: Split, *, epochs: int, see
     (tmp / INFO).write_text(json.dumps(record, indent=1))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
-    log.info("pretrained in %.0f s: test top-1 on classes 0-4 %.2f%%", record["seconds"],
-             100 * record["test_top1_classes_0-4"])
+    log.info(
+        "pretrained in %.0f s: test top-1 on classes 0-4 %.2f%%",
+        record["seconds"],
+        100 * record["test_top1_classes_0-4"],
+    )
     return record

@@ -11,8 +11,20 @@ from mosa_scale.sweep.plots import plot_sweep
 from mosa_scale.sweep.spec import RunSpec, SweepSpec, check_runs, load_sweep, parse_sweep, run_name
 
 __all__ = [
-    "RunSpec", "SweepRunner", "SweepSpec", "check_runs", "collect", "is_done", "load_sweep", "parse_sweep",
-    "plot_sweep", "read_csv", "report", "run_name", "tb_scalars", "write_csv",
+    "RunSpec",
+    "SweepRunner",
+    "SweepSpec",
+    "check_runs",
+    "collect",
+    "is_done",
+    "load_sweep",
+    "parse_sweep",
+    "plot_sweep",
+    "read_csv",
+    "report",
+    "run_name",
+    "tb_scalars",
+    "write_csv",
 ]
 
 

@@ -22,10 +22,34 @@ log = logging.getLogger(__name__)
 
 FIRST_COLUMNS = ("run", "status")
 METRIC_COLUMNS = (
-    "family", "backbone", "width", "blocks", "backbone_params", "method", "num_experts", "bottleneck", "share",
-    "zero_stage", "precision", "seed", "ranks", "global_batch", "steps", "consistency", "step", "top1", "best_top1",
-    "samples_per_s", "samples_per_s_per_gpu", "step_time_s", "peak_memory_mb", "trainable_params",
-    "adapter_params", "flops_per_sample", "tflops_per_s_per_gpu", "mfu",
+    "family",
+    "backbone",
+    "width",
+    "blocks",
+    "backbone_params",
+    "method",
+    "num_experts",
+    "bottleneck",
+    "share",
+    "zero_stage",
+    "precision",
+    "seed",
+    "ranks",
+    "global_batch",
+    "steps",
+    "consistency",
+    "step",
+    "top1",
+    "best_top1",
+    "samples_per_s",
+    "samples_per_s_per_gpu",
+    "step_time_s",
+    "peak_memory_mb",
+    "trainable_params",
+    "adapter_params",
+    "flops_per_sample",
+    "tflops_per_s_per_gpu",
+    "mfu",
 )
 
 
@@ -57,12 +81,23 @@ def _zero_stage(path: str) -> int | None:
 def model_counts(cfg: Any, num_classes: int, image_size: int | None = None) -> dict[str, float]:
     """Frozen / trainable parameters and FLOPs of a run's model, built on the meta device."""
     model, backbone, _ = build_model(cfg, Router(cfg.train.seed), num_classes=num_classes, meta=True)
-    flops = step_flops(model, backbone, image_size=image_size or backbone.image.size,
-                       global_batch=cfg.train.global_batch, consistency=cfg.consistency.enabled)
+    flops = step_flops(
+        model,
+        backbone,
+        image_size=image_size or backbone.image.size,
+        global_batch=cfg.train.global_batch,
+        consistency=cfg.consistency.enabled,
+    )
     frozen = sum(int(p.numel()) for p in backbone.model.parameters() if not p.requires_grad)
-    return {"backbone_params": frozen, "trainable_params": flops["trainable_params"], "width": backbone.width,
-            "blocks": len(backbone.sites), "flops_per_sample": flops["per_sample"],
-            "flops_per_step": flops["per_step"], "total_params": count_parameters(model)}
+    return {
+        "backbone_params": frozen,
+        "trainable_params": flops["trainable_params"],
+        "width": backbone.width,
+        "blocks": len(backbone.sites),
+        "flops_per_sample": flops["per_sample"],
+        "flops_per_step": flops["per_step"],
+        "total_params": count_parameters(model),
+    }
 
 
 def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
@@ -71,12 +106,20 @@ def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
     if (run_dir / "config.yaml").is_file():
         cfg = load_run_config(run_dir / "config.yaml", world_size=ranks, check_files=False)
         m = cfg.model
-        row.update(family=m.family, backbone=m.name if m.family == "openclip" else m.family,
-                   method=cfg.adapter.method, num_experts=cfg.adapter.num_experts,
-                   bottleneck=cfg.adapter.bottleneck, share=cfg.adapter.share,
-                   zero_stage=_zero_stage(cfg.train.zero_config), precision=cfg.train.precision,
-                   seed=cfg.train.seed, global_batch=cfg.train.global_batch, steps=cfg.train.steps,
-                   consistency=cfg.consistency.enabled)
+        row.update(
+            family=m.family,
+            backbone=m.name if m.family == "openclip" else m.family,
+            method=cfg.adapter.method,
+            num_experts=cfg.adapter.num_experts,
+            bottleneck=cfg.adapter.bottleneck,
+            share=cfg.adapter.share,
+            zero_stage=_zero_stage(cfg.train.zero_config),
+            precision=cfg.train.precision,
+            seed=cfg.train.seed,
+            global_batch=cfg.train.global_batch,
+            steps=cfg.train.steps,
+            consistency=cfg.consistency.enabled,
+        )
     else:
         cfg = None
     if (run_dir / "metrics.jsonl").is_file():
@@ -105,8 +148,9 @@ def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
         except (ValueError, RuntimeError, OSError, ImportError) as e:
             log.warning("%s: could not build the model on the meta device (%s); sizes left empty", run_dir, e)
         else:
-            row.update({k: counts[k] for k in ("backbone_params", "trainable_params", "width", "blocks",
-                                               "flops_per_sample")})
+            row.update(
+                {k: counts[k] for k in ("backbone_params", "trainable_params", "width", "blocks", "flops_per_sample")}
+            )
             if "tflops_per_s_per_gpu" not in row and "step_time_s" in row:
                 row["tflops_per_s_per_gpu"] = counts["flops_per_step"] / row["step_time_s"] / ranks / 1e12
     return row

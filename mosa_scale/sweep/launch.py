@@ -68,8 +68,17 @@ def _deepspeed() -> str:
 
 def local_command(spec: SweepSpec, run: RunSpec) -> list[str]:
     """``deepspeed --num_gpus R --master_port P launchers/train.py --config C key=value ...``."""
-    return [_deepspeed(), "--num_gpus", str(spec.ranks), "--master_port", str(_free_port()), str(TRAIN),
-            "--config", str(spec.config), *run.override_args()]
+    return [
+        _deepspeed(),
+        "--num_gpus",
+        str(spec.ranks),
+        "--master_port",
+        str(_free_port()),
+        str(TRAIN),
+        "--config",
+        str(spec.config),
+        *run.override_args(),
+    ]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -90,11 +99,16 @@ class SweepRunner:
     # ------------------------------------------------------------- bookkeeping
     def write_grid(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        grid = {"config": str(self.spec.config), "ranks": self.spec.ranks,
-                "axes": {a.name: a.labels for a in self.spec.axes},
-                "plot": {"x": self.spec.plot_x, "average": list(self.spec.plot_average)},
-                "runs": [{"name": r.name, "labels": r.labels, "overrides": r.overrides, "run_dir": str(r.run_dir)}
-                         for r in self.runs]}
+        grid = {
+            "config": str(self.spec.config),
+            "ranks": self.spec.ranks,
+            "axes": {a.name: a.labels for a in self.spec.axes},
+            "plot": {"x": self.spec.plot_x, "average": list(self.spec.plot_average)},
+            "runs": [
+                {"name": r.name, "labels": r.labels, "overrides": r.overrides, "run_dir": str(r.run_dir)}
+                for r in self.runs
+            ],
+        }
         _write_json(self.out / "sweep.json", grid)
 
     def _event(self, event: str, run: RunSpec, **fields: Any) -> None:
@@ -107,8 +121,14 @@ class SweepRunner:
         self._write_state()
 
     def _write_state(self) -> None:
-        _write_json(self.out / "state.json", {"pid": os.getpid(), "updated": time.time(),
-                                              "runs": {r.name: self.status.get(r.name, "pending") for r in self.runs}})
+        _write_json(
+            self.out / "state.json",
+            {
+                "pid": os.getpid(),
+                "updated": time.time(),
+                "runs": {r.name: self.status.get(r.name, "pending") for r in self.runs},
+            },
+        )
 
     # ------------------------------------------------------------- modes
     def print_commands(self, stream: TextIO = sys.stdout) -> int:

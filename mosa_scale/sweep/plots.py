@@ -35,8 +35,9 @@ def _mean(rows: list[dict[str, Any]], col: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def plot_sweep(rows: list[dict[str, Any]], out_dir: str | Path, *, axes: list[str], x: str,
-               average: list[str] = ()) -> list[Path]:
+def plot_sweep(
+    rows: list[dict[str, Any]], out_dir: str | Path, *, axes: list[str], x: str, average: list[str] = ()
+) -> list[Path]:
     """Draws ``throughput.png``, ``memory.png`` (against the ``x`` axis, one line per other
     setting, averaged over ``average`` axes) and ``accuracy_vs_params.png`` (top-1 against
     trainable parameters, log scale). Rows without the metric are left out.

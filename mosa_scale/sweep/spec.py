@@ -158,8 +158,9 @@ def _axis(name: str, raw: Any, p: Problems) -> Axis | None:
     return Axis(name, tuple(pairs))
 
 
-def parse_sweep(data: Mapping[str, Any], *, source: Path | None = None, out_dir: str | Path | None = None,
-                extra: Sequence[str] = ()) -> SweepSpec:
+def parse_sweep(
+    data: Mapping[str, Any], *, source: Path | None = None, out_dir: str | Path | None = None, extra: Sequence[str] = ()
+) -> SweepSpec:
     """Validates a sweep mapping; every problem is reported at once.
 
     Args:
@@ -225,8 +226,17 @@ def parse_sweep(data: Mapping[str, Any], *, source: Path | None = None, out_dir:
     if not out:
         p.add("out_dir", "give the folder that holds the sweep's runs, CSV and plots")
     p.raise_if_any()
-    return SweepSpec(config=config_path, out_dir=Path(out), ranks=ranks, common=common, axes=tuple(axes),
-                     plot_x=plot_x, plot_average=average, cluster=cluster, source=source)
+    return SweepSpec(
+        config=config_path,
+        out_dir=Path(out),
+        ranks=ranks,
+        common=common,
+        axes=tuple(axes),
+        plot_x=plot_x,
+        plot_average=average,
+        cluster=cluster,
+        source=source,
+    )
 
 
 def load_sweep(path: str | Path, *, out_dir: str | Path | None = None, extra: Sequence[str] = ()) -> SweepSpec:

@@ -6,14 +6,17 @@ from mosa_scale.config import ConfigError
 from mosa_scale.sparse import Router
 
 
-@pytest.mark.parametrize("kwargs,field,allowed", [
-    ({"num_experts": 0}, "adapter.num_experts", ">= 1"),
-    ({"method": "prefix"}, "adapter.method", "'houlsby', 'lora', 'parallel', 'sequential'"),
-    ({"share": "both"}, "adapter.share", "'none', 'down', 'up'"),
-    ({"mode": "diagonal"}, "adapter.mode", "'all', 'row', 'column'"),
-    ({"bottleneck": 0}, "adapter.bottleneck", "positive integer"),
-    ({"bottleneck": -3}, "adapter.bottleneck", "positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field,allowed",
+    [
+        ({"num_experts": 0}, "adapter.num_experts", ">= 1"),
+        ({"method": "prefix"}, "adapter.method", "'houlsby', 'lora', 'parallel', 'sequential'"),
+        ({"share": "both"}, "adapter.share", "'none', 'down', 'up'"),
+        ({"mode": "diagonal"}, "adapter.mode", "'all', 'row', 'column'"),
+        ({"bottleneck": 0}, "adapter.bottleneck", "positive integer"),
+        ({"bottleneck": -3}, "adapter.bottleneck", "positive integer"),
+    ],
+)
 def test_bad_values_name_the_field_and_allowed_values(kwargs, field, allowed):
     with pytest.raises(ConfigError) as e:
         AdapterConfig(**kwargs)

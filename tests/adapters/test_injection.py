@@ -18,8 +18,13 @@ def test_identity_at_init_and_frozen_backbone(method, n, fused):
     tower = make_tower(fused=fused)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
     router = Router(seed=0)
-    report = inject_adapters(tower, tower.sites(), AdapterConfig(method=method, bottleneck=8, num_experts=n,
-                                                                 share="none"), router=router, width=32)
+    report = inject_adapters(
+        tower,
+        tower.sites(),
+        AdapterConfig(method=method, bottleneck=8, num_experts=n, share="none"),
+        router=router,
+        width=32,
+    )
     assert report.rows and report.trainable == sum(p.numel() for p in tower.parameters() if p.requires_grad)
     # untouched backbone keys are all still there: pretrained state dicts load
     missing, unexpected = tower.load_state_dict(before, strict=False)
@@ -43,8 +48,9 @@ def test_identity_at_init_and_frozen_backbone(method, n, fused):
         opt.zero_grad()
     after = tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # backbone bit-identical
-    changed = [k for k, v in model.state_dict().items()
-               if is_adapter_name(k) and not torch.equal(v, adapters_before[k])]
+    changed = [
+        k for k, v in model.state_dict().items() if is_adapter_name(k) and not torch.equal(v, adapters_before[k])
+    ]
     assert any("up" in k or ".b" in k for k in changed) and any("mosa_head" in k for k in changed)
 
 

@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 LR, WD, STEPS = 1e-2, 0.05, 20
 
 
-def train_both(cfg: AdapterConfig, steps: int = STEPS, fused: bool = False, inactive: str = "skip",
-               dtype: torch.dtype = torch.float64, eps: float = 1e-8):
+def train_both(
+    cfg: AdapterConfig,
+    steps: int = STEPS,
+    fused: bool = False,
+    inactive: str = "skip",
+    dtype: torch.dtype = torch.float64,
+    eps: float = 1e-8,
+):
     """Trains mosa_scale and the reference side by side on the same batches and routing draws.
 
     float64 by default: the two hold W0's decayed off-mask entries differently (s_k * W0 vs
@@ -107,8 +113,10 @@ def test_split_bias_matches_reference(inactive):
 def test_skip_and_coast_differ_and_coast_counts_every_step_after_first_use():
     cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=4, share="none", dropout=0.0)
     skip, coast = (train_both(cfg, steps=12, inactive=i) for i in ("skip", "coast"))
-    gap = max(float((a.slices - b.slices).detach().abs().max()) for a, b in
-              zip(sparse_layers(skip[0]).values(), sparse_layers(coast[0]).values()))
+    gap = max(
+        float((a.slices - b.slices).detach().abs().max())
+        for a, b in zip(sparse_layers(skip[0]).values(), sparse_layers(coast[0]).values())
+    )
     assert gap > 1e-3  # the two semantics train different numbers
     router = skip[3]
     for name, layer in sparse_layers(coast[0]).items():
@@ -125,8 +133,9 @@ def expert_snapshot(opt, layer, k):
     out = [layer.steps[k].clone(), layer.decay[k].clone()]
     for p, (off, n) in ((layer.slices, layer.ranges[k]), (layer.biases, layer.bias_ranges[k])):
         st = opt.state.get(p, {})
-        out += [p.detach().narrow(0, off, n).clone()] + [st[x].narrow(0, off, n).clone() for x in sorted(st)
-                                                         if st[x].dim() > 0]
+        out += [p.detach().narrow(0, off, n).clone()] + [
+            st[x].narrow(0, off, n).clone() for x in sorted(st) if st[x].dim() > 0
+        ]
     return out
 
 
@@ -163,8 +172,12 @@ def test_counting_one_adapter_worth_of_state():
 
     def trainable(cfg):
         model, ref, refs, router, _ = build_pair(cfg)
-        return model, ref, sum(p.numel() for p in model.parameters() if p.requires_grad), \
-            sum(p.numel() for p in ref.parameters() if p.requires_grad)
+        return (
+            model,
+            ref,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in ref.parameters() if p.requires_grad),
+        )
 
     d_model, _, d_train, _ = trainable(dense)
     m_model, m_ref, m_train, r_train = trainable(mosa)
@@ -178,9 +191,16 @@ def test_counting_one_adapter_worth_of_state():
     assert all(p in opt.state for g in opt.param_groups for p in g["params"])  # every slice was active once
     assert state == 2 * m_train
     ref_state = 2 * r_train
-    log.warning("counting (hidden 32, r 8, N %d, share none): dense trainable %d, MoSA trainable %d, "
-                "MoSA Adam state %d, reference trainable %d, reference Adam state %d",
-                n, d_train, m_train, state, r_train, ref_state)
+    log.warning(
+        "counting (hidden 32, r 8, N %d, share none): dense trainable %d, MoSA trainable %d, "
+        "MoSA Adam state %d, reference trainable %d, reference Adam state %d",
+        n,
+        d_train,
+        m_train,
+        state,
+        r_train,
+        ref_state,
+    )
 
 
 def test_skip_all_changes_nothing():

@@ -37,10 +37,16 @@ MICRO, STEPS, CLASSES = 4, 3, 5
 
 
 def ds_config(precision: str = "fp32") -> dict:
-    return {"train_batch_size": MICRO * dist.get_world_size(), "train_micro_batch_size_per_gpu": MICRO,
-            "gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9, "bf16": {"enabled": precision == "bf16"},
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    return {
+        "train_batch_size": MICRO * dist.get_world_size(),
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
 
 
 def compare(ref: torch.nn.Module, sharded: torch.nn.Module, shard: ZeroShard) -> dict:
@@ -61,8 +67,14 @@ def compare(ref: torch.nn.Module, sharded: torch.nn.Module, shard: ZeroShard) ->
     bufs = dict(sharded.named_buffers())
     for name, b in ref.named_buffers():
         equal &= torch.equal(b, bufs[name])
-    return {"equal": bool(equal), "max_diff": diff, "dtypes_equal": bool(dtypes), "local_elems": local,
-            "total_elems": total, "whole_params_outside_gather": whole}
+    return {
+        "equal": bool(equal),
+        "max_diff": diff,
+        "dtypes_equal": bool(dtypes),
+        "local_elems": local,
+        "total_elems": total,
+        "whole_params_outside_gather": whole,
+    }
 
 
 def phase_init(shard: ZeroShard) -> list[dict]:
@@ -126,8 +138,10 @@ def write_checkpoints(root: Path) -> dict[str, tuple[str, str]]:
         sd = _full_openclip(TOWERS[kind]).state_dict()
         write_sharded_safetensors(sd, root / kind, "open_clip_model", 2)
         cases[f"{kind}_sharded_safetensors"] = (kind, str(root / kind))
-    for kind, (config_cls, model_cls) in {"hf-vit": (ViTConfig, ViTModel),
-                                          "hf-clip": (CLIPVisionConfig, CLIPVisionModel)}.items():
+    for kind, (config_cls, model_cls) in {
+        "hf-vit": (ViTConfig, ViTModel),
+        "hf-clip": (CLIPVisionConfig, CLIPVisionModel),
+    }.items():
         torch.manual_seed(13)
         model = model_cls(config_cls(**TINY_HF))
         model.save_pretrained(root / kind)
@@ -154,9 +168,17 @@ def phase_load(shard: ZeroShard, out: Path) -> list[dict]:
             torch.manual_seed(2)
             got = build_backbone(cfg, dtype=dtype, shard=shard)
             tower_bytes = sum(p.numel() * p.element_size() for p in ref.model.parameters())
-            rows.append({"case": case, "kind": kind, "dtype": str(dtype), **compare(ref.model, got.model, shard),
-                         "bytes_read": got.loaded["bytes_read"], "tower_bytes": tower_bytes,
-                         "replicated_bytes_read": ref.loaded["bytes_read"] if ref.loaded else None})
+            rows.append(
+                {
+                    "case": case,
+                    "kind": kind,
+                    "dtype": str(dtype),
+                    **compare(ref.model, got.model, shard),
+                    "bytes_read": got.loaded["bytes_read"],
+                    "tower_bytes": tower_bytes,
+                    "replicated_bytes_read": ref.loaded["bytes_read"] if ref.loaded else None,
+                }
+            )
     return rows
 
 
@@ -174,9 +196,11 @@ TRAIN_CASES = [  # (tower kind, adapter method, training precision)
 
 def train_once(kind: str, method: str, precision: str, sharded: bool) -> dict[str, torch.Tensor]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = RunConfig(model=TOWERS[kind], adapter=AdapterConfig(method=method, bottleneck=8, num_experts=4,
-                                                              share="none", dropout=0.0, seed=3),
-                    train=TrainConfig(seed=5, precision=precision))
+    cfg = RunConfig(
+        model=TOWERS[kind],
+        adapter=AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none", dropout=0.0, seed=3),
+        train=TrainConfig(seed=5, precision=precision),
+    )
     ds = ds_config(precision)
     router = Router(seed=3, scope="rank", rank=rank, world_size=world)
     model, _, _ = build_model(cfg, router, num_classes=CLASSES, shard=ZeroShard(ds) if sharded else None)
@@ -203,9 +227,12 @@ def train_once(kind: str, method: str, precision: str, sharded: bool) -> dict[st
     values = full_fp32_params(engine, names)
     buffers = {n: t.cpu() for n, t in adapter_state_dict(engine.module).items() if n not in values}
     merged = merge_state_dict({**buffers, **values})
-    return {"logits": logits, "moved": (logits - before).abs().max().reshape(1),
-            **{f"trained/{k}": v for k, v in values.items()},
-            **{f"merged/{k}": v.float() for k, v in merged.items()}}
+    return {
+        "logits": logits,
+        "moved": (logits - before).abs().max().reshape(1),
+        **{f"trained/{k}": v for k, v in values.items()},
+        **{f"merged/{k}": v.float() for k, v in merged.items()},
+    }
 
 
 def phase_train() -> list[dict]:
@@ -214,12 +241,19 @@ def phase_train() -> list[dict]:
         ref = train_once(kind, method, precision, sharded=False)
         got = train_once(kind, method, precision, sharded=True)
         diffs = {k: float((ref[k] - got[k]).abs().max()) if ref[k].numel() else 0.0 for k in ref}
-        rows.append({"kind": kind, "method": method, "precision": precision, "same_keys": sorted(ref) == sorted(got),
-                     "logits_diff": diffs["logits"],
-                     "trained_diff": max(v for k, v in diffs.items() if k.startswith("trained/")),
-                     "merged_diff": max(v for k, v in diffs.items() if k.startswith("merged/")),
-                     "merged_tensors": sum(k.startswith("merged/") for k in ref),
-                     "logits_moved_by_training": float(ref["moved"])})
+        rows.append(
+            {
+                "kind": kind,
+                "method": method,
+                "precision": precision,
+                "same_keys": sorted(ref) == sorted(got),
+                "logits_diff": diffs["logits"],
+                "trained_diff": max(v for k, v in diffs.items() if k.startswith("trained/")),
+                "merged_diff": max(v for k, v in diffs.items() if k.startswith("merged/")),
+                "merged_tensors": sum(k.startswith("merged/") for k in ref),
+                "logits_moved_by_training": float(ref["moved"]),
+            }
+        )
     return rows
 
 

@@ -22,9 +22,7 @@ def _fwd_bwd(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor
     return (out.detach(), x.grad, *[p.grad.clone() for p in ln])
 
 
-def test_checkpointing_is_exact_and_keeps_names(
-    tiny_cfg: BackboneConfig, pixels: torch.Tensor
-) -> None:
+def test_checkpointing_is_exact_and_keeps_names(tiny_cfg: BackboneConfig, pixels: torch.Tensor) -> None:
     bb = build_backbone(tiny_cfg)
     bb.model.eval()  # no dropout; identical numerics both ways
     site = next(bb.model.get_submodule(bb.sites[1].ln2).parameters())

@@ -32,9 +32,7 @@ def test_defaults_are_valid() -> None:
         ({"pretrained": " "}, "pretrained", "None"),
     ],
 )
-def test_invalid_field_names_field_and_allowed_values(
-    kwargs: dict, field: str, allowed: str
-) -> None:
+def test_invalid_field_names_field_and_allowed_values(kwargs: dict, field: str, allowed: str) -> None:
     with pytest.raises(ValueError) as ei:
         BackboneConfig(**kwargs)
     msg = str(ei.value)

@@ -56,13 +56,9 @@ def tiny_clip_ckpt(tiny_openclip: dict, tmp_path: Path) -> tuple[open_clip.CLIP,
     return clip, path
 
 
-def test_zeroshot_logits_equal_clip_logits(
-    tiny_clip_ckpt, tiny_openclip: dict, pixels: torch.Tensor
-) -> None:
+def test_zeroshot_logits_equal_clip_logits(tiny_clip_ckpt, tiny_openclip: dict, pixels: torch.Tensor) -> None:
     clip, path = tiny_clip_ckpt
-    cfg = BackboneConfig(
-        family="openclip", name="tiny", openclip_cfg=tiny_openclip, pretrained=str(path)
-    )
+    cfg = BackboneConfig(family="openclip", name="tiny", openclip_cfg=tiny_openclip, pretrained=str(path))
     bb, head = build_openclip_zeroshot(cfg, CLASSES)
     bb.model.eval()
     tok = open_clip.SimpleTokenizer(context_length=16)
@@ -81,9 +77,7 @@ def test_zeroshot_logits_equal_clip_logits(
     assert all(p.requires_grad for p in head.parameters())
 
 
-def test_zeroshot_multiple_templates_average(
-    tiny_clip_ckpt, tiny_openclip: dict, pixels: torch.Tensor
-) -> None:
+def test_zeroshot_multiple_templates_average(tiny_clip_ckpt, tiny_openclip: dict, pixels: torch.Tensor) -> None:
     clip, path = tiny_clip_ckpt
     templates = ("a photo of a {}.", "a drawing of a {}.")
     cfg = BackboneConfig(
@@ -96,10 +90,7 @@ def test_zeroshot_multiple_templates_average(
     bb, head = build_openclip_zeroshot(cfg, CLASSES, templates=templates)
     tok = open_clip.SimpleTokenizer(context_length=16)
     with torch.no_grad():
-        per_t = [
-            F.normalize(clip.encode_text(tok([t.format(c) for c in CLASSES])), dim=-1)
-            for t in templates
-        ]
+        per_t = [F.normalize(clip.encode_text(tok([t.format(c) for c in CLASSES])), dim=-1) for t in templates]
         expected_w = clip.logit_scale.exp() * F.normalize(sum(per_t) / 2, dim=-1)
     torch.testing.assert_close(head.weight, expected_w)
     assert head.weight.dtype == torch.float32  # head stays fp32
@@ -111,8 +102,6 @@ def test_zeroshot_needs_text_weights(tiny_clip_ckpt, tiny_openclip: dict, tmp_pa
     clip, _ = tiny_clip_ckpt
     vis = tmp_path / "visual.pt"
     torch.save({f"visual.{k}": v for k, v in clip.visual.state_dict().items()}, vis)
-    cfg = BackboneConfig(
-        family="openclip", name="tiny", openclip_cfg=tiny_openclip, pretrained=str(vis)
-    )
+    cfg = BackboneConfig(family="openclip", name="tiny", openclip_cfg=tiny_openclip, pretrained=str(vis))
     with pytest.raises(RuntimeError, match="image AND text towers"):
         build_openclip_zeroshot(cfg, CLASSES)

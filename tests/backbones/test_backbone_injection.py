@@ -29,8 +29,9 @@ def adapted(cfg: BackboneConfig, adapter: AdapterConfig, seed: int = 0):
 def test_identity_at_init_and_only_adapters_train(tiny_cfg, pixels, method, n):
     torch.manual_seed(0)
     frozen = build_backbone(tiny_cfg).model
-    backbone, router, report = adapted(tiny_cfg, AdapterConfig(method=method, bottleneck=8, num_experts=n,
-                                                               share="none"))
+    backbone, router, report = adapted(
+        tiny_cfg, AdapterConfig(method=method, bottleneck=8, num_experts=n, share="none")
+    )
     assert report.rows
     tower = backbone.model
     router.begin_step(0)
@@ -57,9 +58,17 @@ def test_identity_at_init_and_only_adapters_train(tiny_cfg, pixels, method, n):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(pixels):
-    cfg = BackboneConfig(family="hf-vit", hf_config={"hidden_size": 64, "num_hidden_layers": 2,
-                                                     "num_attention_heads": 4, "intermediate_size": 128,
-                                                     "image_size": 32, "patch_size": 8})
+    cfg = BackboneConfig(
+        family="hf-vit",
+        hf_config={
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+    )
     adapter = AdapterConfig(method="parallel", bottleneck=8, num_experts=4, share="none", dropout=0.1)
 
     def grads(checkpointing: bool):
@@ -87,12 +96,19 @@ def test_mosa_adapter_sizes_on_big_towers():
         backbone = build_backbone(BackboneConfig(family="openclip", name=name), meta=True)
         tower = count_parameters(backbone.model)
         router = Router(seed=0)
-        report = inject_adapters(backbone.model, backbone.sites, AdapterConfig(bottleneck=64, num_experts=4),
-                                 router=router, width=_stream_width(backbone))
+        report = inject_adapters(
+            backbone.model,
+            backbone.sites,
+            AdapterConfig(bottleneck=64, num_experts=4),
+            router=router,
+            width=_stream_width(backbone),
+        )
         d = _stream_width(backbone)
         layers = len(backbone.sites)
         # per block: LN_a (2d) + dense Down (64 d + 64) + Up slices (64 d) + 4 bias vectors (4 d)
         assert report.trainable == layers * (2 * d + 64 * d + 64 + 64 * d + 4 * d)
-        lines.append(f"{name}: tower {tower / 1e6:.1f} M, MoSA r=64 N=4 {report.trainable / 1e6:.3f} M "
-                     f"({100 * report.trainable / tower:.2f}%)")
+        lines.append(
+            f"{name}: tower {tower / 1e6:.1f} M, MoSA r=64 N=4 {report.trainable / 1e6:.3f} M "
+            f"({100 * report.trainable / tower:.2f}%)"
+        )
     log.warning("meta-device sizes: %s", "; ".join(lines))

@@ -26,9 +26,7 @@ def tiny_clip(tiny_openclip: dict) -> open_clip.CLIP:
 
 
 def _oc_cfg(tiny_openclip: dict, pretrained: str, **kw) -> BackboneConfig:
-    return BackboneConfig(
-        family="openclip", name="tiny", openclip_cfg=tiny_openclip, pretrained=pretrained, **kw
-    )
+    return BackboneConfig(family="openclip", name="tiny", openclip_cfg=tiny_openclip, pretrained=pretrained, **kw)
 
 
 def _save(sd: dict, path: Path) -> Path:
@@ -61,9 +59,7 @@ def test_openclip_local_checkpoint_round_trip(
     elif layout == "visual_only.bin":
         target = _save(tiny_clip.visual.state_dict(), tmp_path / layout)
     elif layout == "wrapped_state_dict.pt":  # an OpenCLIP training checkpoint (DDP "module." keys)
-        target = _save(
-            {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / layout
-        )
+        target = _save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / layout)
     else:
         target = _save(sd, tmp_path / layout)
     bb = build_backbone(_oc_cfg(tiny_openclip, str(target)))
@@ -71,9 +67,7 @@ def test_openclip_local_checkpoint_round_trip(
     assert bb.source == str(target)
     with torch.no_grad():
         torch.testing.assert_close(bb.model(pixels), tiny_clip.visual(pixels), rtol=0, atol=0)
-        assert not torch.allclose(
-            build_backbone(_oc_cfg(tiny_openclip, None)).model(pixels), bb.model(pixels)
-        )
+        assert not torch.allclose(build_backbone(_oc_cfg(tiny_openclip, None)).model(pixels), bb.model(pixels))
     if layout == "dir":  # the directory's preprocess config is honoured
         assert bb.image.mean == (0.5, 0.5, 0.5) and bb.image.std == (0.25, 0.25, 0.25)
 
@@ -88,9 +82,7 @@ def test_openclip_matches_open_clip_create_model(
     """Our loader and open_clip's own create_model(pretrained=file) give the same tower."""
     ckpt = _save(tiny_clip.state_dict(), tmp_path / "m.pt")
     # keep open_clip's global model-config registry untouched for other tests
-    monkeypatch.setattr(
-        open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS)
-    )
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
     monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
     open_clip.add_model_config(_write_cfg(tmp_path / "cfgs", "mosa-tiny-test", tiny_openclip))
     ref = open_clip.create_model("mosa-tiny-test", pretrained=str(ckpt)).eval()
@@ -106,18 +98,14 @@ def _write_cfg(d: Path, name: str, cfg: dict) -> Path:
     return d
 
 
-def test_openclip_resizes_position_embedding(
-    tiny_clip, tiny_openclip: dict, tmp_path: Path
-) -> None:
+def test_openclip_resizes_position_embedding(tiny_clip, tiny_openclip: dict, tmp_path: Path) -> None:
     ckpt = _save(tiny_clip.state_dict(), tmp_path / "m.pt")
     bb = build_backbone(_oc_cfg(tiny_openclip, str(ckpt), image_size=48))
     assert bb.image.size == 48 and bb.model.visual.positional_embedding.shape == (37, 64)
     assert bb.model(torch.randn(1, 3, 48, 48)).shape == (1, 32)
 
 
-def test_openclip_bf16_from_checkpoint(
-    tiny_clip, tiny_openclip: dict, tmp_path: Path, pixels: torch.Tensor
-) -> None:
+def test_openclip_bf16_from_checkpoint(tiny_clip, tiny_openclip: dict, tmp_path: Path, pixels: torch.Tensor) -> None:
     ckpt = _save(tiny_clip.state_dict(), tmp_path / "m.pt")
     bb = build_backbone(_oc_cfg(tiny_openclip, str(ckpt), precision="bf16"))
     assert {p.dtype for p in bb.model.parameters()} == {torch.bfloat16}
@@ -125,9 +113,7 @@ def test_openclip_bf16_from_checkpoint(
         torch.testing.assert_close(bb.model(pixels), tiny_clip.visual(pixels), rtol=0.05, atol=0.05)
 
 
-def test_openclip_wrong_architecture_names_the_checkpoint(
-    tiny_clip, tiny_openclip: dict, tmp_path: Path
-) -> None:
+def test_openclip_wrong_architecture_names_the_checkpoint(tiny_clip, tiny_openclip: dict, tmp_path: Path) -> None:
     ckpt = _save(tiny_clip.state_dict(), tmp_path / "m.pt")
     other = dict(tiny_openclip, vision_cfg=dict(tiny_openclip["vision_cfg"], layers=3))
     with pytest.raises(RuntimeError, match=r"m\.pt.*does not fit"):
@@ -165,17 +151,13 @@ def test_missing_path_fails_before_any_library(
 
 def test_openclip_unknown_tag_lists_known_tags() -> None:
     with pytest.raises(FileNotFoundError) as ei:
-        build_backbone(
-            BackboneConfig(family="openclip", name="ViT-B-16", pretrained="laion9b_nope")
-        )
+        build_backbone(BackboneConfig(family="openclip", name="ViT-B-16", pretrained="laion9b_nope"))
     assert "laion9b_nope" in str(ei.value) and "laion2b_s34b_b88k" in str(ei.value)
 
 
 def test_openclip_tag_offline_fails_clearly() -> None:
     with pytest.raises(RuntimeError) as ei:
-        build_backbone(
-            BackboneConfig(family="openclip", name="ViT-B-16", pretrained="laion2b_s34b_b88k")
-        )
+        build_backbone(BackboneConfig(family="openclip", name="ViT-B-16", pretrained="laion2b_s34b_b88k"))
     msg = str(ei.value)
     assert "laion2b_s34b_b88k" in msg and "Offline?" in msg and "local file" in msg
 
@@ -187,9 +169,7 @@ HF_CASES = {
 
 
 @pytest.mark.parametrize("family", sorted(HF_CASES))
-def test_hf_save_pretrained_round_trip(
-    family: str, tiny_hf: dict, tmp_path: Path, pixels: torch.Tensor
-) -> None:
+def test_hf_save_pretrained_round_trip(family: str, tiny_hf: dict, tmp_path: Path, pixels: torch.Tensor) -> None:
     config_cls, model_cls, ref_fn = HF_CASES[family]
     torch.manual_seed(2)
     ref = model_cls(config_cls(**tiny_hf)).eval()

@@ -31,7 +31,7 @@ TIMM = ("siglip", "eva02", "eva02-e")
 def _family(bb: Backbone) -> str:
     """The tower kind: a family, or the timm tower of a tiny test config (``openclip:tiny-<kind>``)."""
     if bb.name.startswith("openclip:tiny-"):
-        return bb.name[len("openclip:tiny-"):]
+        return bb.name[len("openclip:tiny-") :]
     return "openclip" if bb.name.startswith("openclip:") else bb.name
 
 
@@ -79,9 +79,7 @@ def test_hooks_see_the_residual_stream(tiny_cfg: BackboneConfig, pixels: torch.T
     def grab(i: int, key: str, which: str):
         def hook(mod: nn.Module, args: Any, kwargs: Any, out: Any = None) -> None:
             if which == "in":
-                rec.setdefault(i, {})[key] = (
-                    args[0] if args else next(iter(kwargs.values()))
-                ).clone()
+                rec.setdefault(i, {})[key] = (args[0] if args else next(iter(kwargs.values()))).clone()
             else:
                 rec.setdefault(i, {})[key] = (out[0] if isinstance(out, tuple) else out).clone()
 
@@ -122,9 +120,7 @@ def test_frozen_output_shape_and_prefix(tiny_cfg: BackboneConfig, pixels: torch.
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_frozen_weights(
-    tiny_cfg: BackboneConfig, pixels: torch.Tensor, dtype: torch.dtype
-) -> None:
+def test_low_precision_frozen_weights(tiny_cfg: BackboneConfig, pixels: torch.Tensor, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     ref = build_backbone(tiny_cfg)
     bb = build_backbone(tiny_cfg, dtype=dtype)
@@ -142,9 +138,7 @@ def test_precision_field_sets_dtype(tiny_cfg: BackboneConfig) -> None:
     assert {p.dtype for p in bb.model.parameters()} == {torch.float32}  # explicit dtype wins
 
 
-def test_pooling_matches_the_library_outputs(
-    tiny_cfg: BackboneConfig, pixels: torch.Tensor
-) -> None:
+def test_pooling_matches_the_library_outputs(tiny_cfg: BackboneConfig, pixels: torch.Tensor) -> None:
     bb = build_backbone(tiny_cfg)
     if _family(bb) in TIMM:  # the tower's own pooling (class token / attention pool), then its head
         v = bb.model.tower
@@ -181,9 +175,7 @@ def test_hf_vit_pooler(tiny_hf: dict) -> None:
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(bb.model(x), bb.model.vit(pixel_values=x).pooler_output)
-    assert (
-        build_backbone(BackboneConfig(family="hf-vit", hf_config=tiny_hf)).model.vit.pooler is None
-    )
+    assert build_backbone(BackboneConfig(family="hf-vit", hf_config=tiny_hf)).model.vit.pooler is None
 
 
 def test_image_size_override_random_init(tiny_cfg: BackboneConfig) -> None:

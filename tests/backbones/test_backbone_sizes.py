@@ -120,8 +120,14 @@ def test_timm_tower_meta_counts_match_published(name: str) -> None:
     # bottleneck and LoRA sites resolve on the meta skeleton (every method x N on the tiny towers)
     width = stream_width(bb.model, bb.sites[0])
     for method, per_block in (("houlsby", 2), ("lora", 2)):
-        skeleton = bb if method == "houlsby" else build_backbone(BackboneConfig(family="openclip", name=name),
-                                                                  meta=True)
-        report = inject_adapters(skeleton.model, skeleton.sites, AdapterConfig(method=method, bottleneck=64,
-                                 num_experts=1), router=Router(seed=0), width=width)
+        skeleton = (
+            bb if method == "houlsby" else build_backbone(BackboneConfig(family="openclip", name=name), meta=True)
+        )
+        report = inject_adapters(
+            skeleton.model,
+            skeleton.sites,
+            AdapterConfig(method=method, bottleneck=64, num_experts=1),
+            router=Router(seed=0),
+            width=width,
+        )
         assert len(report.rows) == per_block * blocks

@@ -46,12 +46,19 @@ def _full(kind: str, seed: int = 4) -> nn.Module:
 
 def test_readers_read_exactly_the_asked_elements(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
-    sd = {"a": torch.randn(7, 5, generator=g), "b": torch.randn(13, generator=g),
-          "c": torch.randn(3, 4, 2, generator=g).to(torch.bfloat16), "s": torch.tensor(2.5)}
+    sd = {
+        "a": torch.randn(7, 5, generator=g),
+        "b": torch.randn(13, generator=g),
+        "c": torch.randn(3, 4, 2, generator=g).to(torch.bfloat16),
+        "s": torch.tensor(2.5),
+    }
     save_file(sd, str(tmp_path / "one.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "wrapped.pt")
-    readers = [open_checkpoint(tmp_path / "one.safetensors"), open_checkpoint(tmp_path / "wrapped.pt"),
-               open_checkpoint(_sharded(sd, tmp_path / "sh", "model", 2) / "model.safetensors.index.json")]
+    readers = [
+        open_checkpoint(tmp_path / "one.safetensors"),
+        open_checkpoint(tmp_path / "wrapped.pt"),
+        open_checkpoint(_sharded(sd, tmp_path / "sh", "model", 2) / "model.safetensors.index.json"),
+    ]
     for r in readers:
         assert sorted(r.keys()) == sorted(sd)
         for k, v in sd.items():
@@ -59,7 +66,7 @@ def test_readers_read_exactly_the_asked_elements(tmp_path: Path) -> None:
             flat = v.reshape(-1)
             for start, count in ((0, flat.numel()), (3, 4), (flat.numel() - 1, 1), (2, 0)):
                 if start + count <= flat.numel():
-                    assert torch.equal(r.read_flat(k, start, count).reshape(-1), flat[start:start + count])
+                    assert torch.equal(r.read_flat(k, start, count).reshape(-1), flat[start : start + count])
         r.close()
     assert readers[2].file_of("b").endswith(".safetensors") and "of-00002" in readers[2].file_of("b")
 
@@ -81,8 +88,7 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["openclip", "siglip", "eva02", "eva02-e"])
 @pytest.mark.parametrize("layout", ["full.pt", "sharded"])
-def test_openclip_layouts_equal_the_library_model(kind: str, layout: str, tmp_path: Path,
-                                                  pixels: torch.Tensor) -> None:
+def test_openclip_layouts_equal_the_library_model(kind: str, layout: str, tmp_path: Path, pixels: torch.Tensor) -> None:
     full = _full(kind)
     sd = full.state_dict()
     if layout == "full.pt":
@@ -147,7 +153,8 @@ def test_hf_tensor_by_tensor_load_equals_from_pretrained(kind: str, tmp_path: Pa
     fresh = build_backbone(TOWERS[kind]).model.tower
     stats = load_hf_weights(fresh, tmp_path / "m")
     assert stats["tensors"] == len(list(fresh.parameters())) + len(dict(fresh.named_buffers())) - sum(
-        1 for m in fresh.modules() for b in m._non_persistent_buffers_set)
+        1 for m in fresh.modules() for b in m._non_persistent_buffers_set
+    )
     for (n, a), (_, b) in zip(loaded.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), n
     if kind == "hf-vit":  # the file really uses the legacy names

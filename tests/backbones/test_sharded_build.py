@@ -19,15 +19,19 @@ WORKER = REPO / "tests" / "backbones" / "shard_worker.py"
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("shard")
     deepspeed_launch(WORKER, ["--out", str(out), "--phases", "init,load,train"], ranks=2, timeout=1500)
-    return {(phase, rank): json.loads((out / f"{phase}_rank{rank}.json").read_text())
-            for phase in ("init", "load", "train") for rank in (0, 1)}
+    return {
+        (phase, rank): json.loads((out / f"{phase}_rank{rank}.json").read_text())
+        for phase in ("init", "load", "train")
+        for rank in (0, 1)
+    }
 
 
 def test_random_init_equals_the_replicated_build(results):
     for rank in (0, 1):
         rows = results["init", rank]
-        assert {(r["kind"], r["dtype"]) for r in rows} == {(k, d) for k in TOWERS
-                                                           for d in ("torch.float32", "torch.bfloat16")}
+        assert {(r["kind"], r["dtype"]) for r in rows} == {
+            (k, d) for k in TOWERS for d in ("torch.float32", "torch.bfloat16")
+        }
         for r in rows:
             assert r["equal"] and r["dtypes_equal"] and r["max_diff"] == 0.0, r
             # sharded: each rank holds half of every parameter (rounded up) and nothing whole
@@ -36,9 +40,17 @@ def test_random_init_equals_the_replicated_build(results):
 
 
 def test_pretrained_loading_equals_the_replicated_load(results):
-    cases = {"openclip_pt_with_text", "openclip_sharded_safetensors", "siglip_sharded_safetensors",
-             "eva02_sharded_safetensors", "eva02-e_sharded_safetensors", "hf-vit_save_pretrained",
-             "hf-vit_save_pretrained_sharded", "hf-clip_save_pretrained", "hf-clip_save_pretrained_sharded"}
+    cases = {
+        "openclip_pt_with_text",
+        "openclip_sharded_safetensors",
+        "siglip_sharded_safetensors",
+        "eva02_sharded_safetensors",
+        "eva02-e_sharded_safetensors",
+        "hf-vit_save_pretrained",
+        "hf-vit_save_pretrained_sharded",
+        "hf-clip_save_pretrained",
+        "hf-clip_save_pretrained_sharded",
+    }
     for rank in (0, 1):
         rows = results["load", rank]
         assert {r["case"] for r in rows} == cases
@@ -54,9 +66,14 @@ def test_pretrained_loading_equals_the_replicated_load(results):
 def test_training_on_a_sharded_tower_equals_the_replicated_tower(results):
     for rank in (0, 1):
         rows = results["train", rank]
-        assert {(r["kind"], r["method"]) for r in rows} >= {("openclip", "parallel"), ("hf-vit", "parallel"),
-                                                            ("hf-clip", "lora"), ("siglip", "lora"),
-                                                            ("eva02-e", "parallel"), ("eva02-e", "lora")}
+        assert {(r["kind"], r["method"]) for r in rows} >= {
+            ("openclip", "parallel"),
+            ("hf-vit", "parallel"),
+            ("hf-clip", "lora"),
+            ("siglip", "lora"),
+            ("eva02-e", "parallel"),
+            ("eva02-e", "lora"),
+        }
         for r in rows:
             assert r["same_keys"] and r["merged_tensors"] > 0, r
             assert r["logits_diff"] <= 1e-6 and r["trained_diff"] <= 1e-6 and r["merged_diff"] <= 1e-6, r

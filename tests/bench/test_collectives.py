@@ -15,9 +15,29 @@ pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
 def test_mosa_adds_no_collective_over_the_dense_adapter(tmp_path):
     out = tmp_path / "collectives.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "collectives.py"), "--stages", "1,2,3", "--blocks", "3",
-                           "--experts", "4,8", "--steps", "2", "--rounds", "0", "--out", str(out)],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "collectives.py"),
+            "--stages",
+            "1,2,3",
+            "--blocks",
+            "3",
+            "--experts",
+            "4,8",
+            "--steps",
+            "2",
+            "--rounds",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["all_counts_steady"]  # the same calls every step, whatever experts were drawn

@@ -12,9 +12,26 @@ from launch_util import REPO, launch_env
 
 def test_gpu_script_cpu_tiny_mode():
     env = launch_env()
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_vith14.py"), "--device", "cpu", "--tiny",
-                           "--steps", "2", "--warmup", "1", "--classes", "10"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_vith14.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--classes",
+            "10",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["zero_stage"] == 2 and out["precision"] == "bf16" and out["batch"] == 4

@@ -17,8 +17,15 @@ from launch_util import REPO, deepspeed_launch  # noqa: E402
 TRAIN = REPO / "launchers" / "train.py"
 CONFIG = REPO / "tests" / "engine" / "tiny_run.yaml"
 # 10 steps, checkpoints at 5 and 10, one evaluation at the end over ALL validation samples
-RUN_ARGS = ("train.steps=10", "train.checkpoint_every=5", "train.eval_every=10", "train.log_every=5",
-            "train.eval_batches=null", "optim.lr=3.0e-2", "optim.warmup_steps=1")
+RUN_ARGS = (
+    "train.steps=10",
+    "train.checkpoint_every=5",
+    "train.eval_every=10",
+    "train.log_every=5",
+    "train.eval_batches=null",
+    "optim.lr=3.0e-2",
+    "optim.warmup_steps=1",
+)
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +36,17 @@ def zero_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
     def get(stage: int) -> Path:
         if stage not in runs:
             run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-            deepspeed_launch(TRAIN, ["--config", str(CONFIG), f"train.run_dir={run}", *RUN_ARGS,
-                                     f"train.zero_config=ds_configs/zero{stage}.json"], ranks=2)
+            deepspeed_launch(
+                TRAIN,
+                [
+                    "--config",
+                    str(CONFIG),
+                    f"train.run_dir={run}",
+                    *RUN_ARGS,
+                    f"train.zero_config=ds_configs/zero{stage}.json",
+                ],
+                ranks=2,
+            )
             runs[stage] = run
         return runs[stage]
 

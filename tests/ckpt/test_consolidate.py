@@ -46,8 +46,14 @@ def run(request, zero_run) -> Path:
 def merged(run, tmp_path_factory) -> tuple[Path, dict]:
     """The tool's output for the run's latest checkpoint (merged + unmerged), through the real CLI."""
     out = tmp_path_factory.mktemp("merged") / "out"
-    proc = subprocess.run([sys.executable, str(MERGE), str(run), "--out", str(out), "--unmerged"], cwd=REPO,
-                          env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(MERGE), str(run), "--out", str(out), "--unmerged"],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -83,8 +89,13 @@ def test_tool_output_equals_the_training_runs_adapter(run, merged):
     assert um["format"] == "unmerged" and any(k.endswith(".slices") for k in unmerged)
     # only safetensors and JSON are written, and nothing temporary is left behind
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    assert files == ["adapter.safetensors", "adapter_config.json", "unmerged", "unmerged/adapter.safetensors",
-                     "unmerged/adapter_config.json"]
+    assert files == [
+        "adapter.safetensors",
+        "adapter_config.json",
+        "unmerged",
+        "unmerged/adapter.safetensors",
+        "unmerged/adapter_config.json",
+    ]
 
 
 def test_reader_equals_deepspeeds_zero_to_fp32(run):
@@ -128,9 +139,19 @@ def test_dense_model_gives_the_logits_of_the_mosa_model_in_eval(run, merged):
     frozen = {k: v for k, v in dense.state_dict().items() if "mosa_" not in k}
     assert all(torch.equal(v, mosa.state_dict()[k]) for k, v in frozen.items())
     img = backbone.image
-    loader = build_loader(DataSpec(shards=str(run / "data"), split="val"), image_size=img.size, mean=img.mean,
-                          std=img.std, train=False, batch_size=64, rank=0, world_size=1, num_workers=0,
-                          seed=cfg.train.seed, epoch=0)
+    loader = build_loader(
+        DataSpec(shards=str(run / "data"), split="val"),
+        image_size=img.size,
+        mean=img.mean,
+        std=img.std,
+        train=False,
+        batch_size=64,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=cfg.train.seed,
+        epoch=0,
+    )
     gap, n = 0.0, 0
     with torch.no_grad():
         for batch in loader:
@@ -150,12 +171,15 @@ def _write_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("changes,needles", [
-    ({"adapter__bottleneck": 16}, ["adapter.bottleneck: run config.yaml 8, given 16", "shape(s) differ"]),
-    ({"adapter__seed": 11}, ["adapter.seed: run config.yaml 3407, given 11", "partition differs"]),
-    ({"adapter__mode": "row"}, ["adapter.mode", "partition differs"]),
-    ({"adapter__num_experts": 2}, ["adapter.num_experts: run config.yaml 4, given 2", "shape(s) differ"]),
-])
+@pytest.mark.parametrize(
+    "changes,needles",
+    [
+        ({"adapter__bottleneck": 16}, ["adapter.bottleneck: run config.yaml 8, given 16", "shape(s) differ"]),
+        ({"adapter__seed": 11}, ["adapter.seed: run config.yaml 3407, given 11", "partition differs"]),
+        ({"adapter__mode": "row"}, ["adapter.mode", "partition differs"]),
+        ({"adapter__num_experts": 2}, ["adapter.num_experts: run config.yaml 4, given 2", "shape(s) differ"]),
+    ],
+)
 def test_mismatched_config_is_refused_naming_the_difference(zero_run, tmp_path, changes, needles):
     run = _copy_run(zero_run(2), tmp_path / "run")
     bad = _write_config(run / "config.yaml", tmp_path / "bad.yaml", **changes)
@@ -190,16 +214,27 @@ def test_truncated_checkpoint_is_refused_and_leaves_the_output_as_it_was(zero_ru
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     shard = _tag_dir(run) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = subprocess.run([sys.executable, str(MERGE), str(run), "--out", str(out)], cwd=REPO, env=launch_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(MERGE), str(run), "--out", str(out)],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in proc.stderr and "truncated or damaged" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no temp folder left
 
 
-@pytest.mark.parametrize("stage,missing", [(2, "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-                                           (3, "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-                                           (3, "zero_pp_rank_1_mp_rank_00_model_states.pt")])
+@pytest.mark.parametrize(
+    "stage,missing",
+    [
+        (2, "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        (3, "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        (3, "zero_pp_rank_1_mp_rank_00_model_states.pt"),
+    ],
+)
 def test_missing_shard_is_refused(zero_run, tmp_path, stage, missing):
     run = _copy_run(zero_run(stage), tmp_path / "run")
     (_tag_dir(run) / missing).unlink()

@@ -25,10 +25,18 @@ from mosa_scale.optim import MoSAAdamW  # noqa: E402
 from mosa_scale.sparse import Router  # noqa: E402
 
 log = logging.getLogger(__name__)
-TINY_HF = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-           "image_size": 16, "patch_size": 8}
-TINY_OPENCLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8,
-                                                 "head_width": 16}}
+TINY_HF = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 16,
+    "patch_size": 8,
+}
+TINY_OPENCLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+}
 BACKBONES = {
     "hf-vit": BackboneConfig(family="hf-vit", hf_config=TINY_HF, pooling="mean"),
     "hf-clip": BackboneConfig(family="hf-clip", hf_config=TINY_HF, pooling="cls"),
@@ -55,8 +63,12 @@ def trained_adapter(tmp_path, family: str, adapter: AdapterConfig, steps: int = 
         opt.step()
         opt.zero_grad()
     model.eval()
-    manifest = {"config": to_plain(cfg), "backbone": {"name": backbone.name, "source": backbone.source,
-                                                      "family": family}, "num_classes": CLASSES, "step": steps}
+    manifest = {
+        "config": to_plain(cfg),
+        "backbone": {"name": backbone.name, "source": backbone.source, "family": family},
+        "num_classes": CLASSES,
+        "step": steps,
+    }
     out = write_adapter(tmp_path / "merged", merge_state_dict(adapter_state_dict(model)), manifest)
     return model, out
 
@@ -79,14 +91,18 @@ LORA_CASES = [("hf-vit", 4), ("hf-vit", 1), ("hf-clip", 4)]
 def test_peft_export_loads_in_peft_and_gives_the_same_logits(tmp_path, family, n):
     from peft import PeftModel
 
-    mosa, merged = trained_adapter(tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n,
-                                                                   share="none", seed=SEED))
+    mosa, merged = trained_adapter(
+        tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n, share="none", seed=SEED)
+    )
     x = pixels()
     with torch.no_grad():
         expected = mosa(x)
     peft_dir = export_peft(merged, tmp_path / "peft")
-    assert sorted(p.name for p in peft_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                          "head.safetensors"]
+    assert sorted(p.name for p in peft_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+    ]
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 4
     backbone = fresh_backbone(family)
@@ -109,8 +125,9 @@ def test_peft_export_loads_in_peft_and_gives_the_same_logits(tmp_path, family, n
 
 @pytest.mark.parametrize("family,n", LORA_CASES)
 def test_folded_lora_saved_as_a_plain_model_gives_the_same_logits(tmp_path, family, n):
-    mosa, merged = trained_adapter(tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n,
-                                                                   share="none", seed=SEED))
+    mosa, merged = trained_adapter(
+        tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n, share="none", seed=SEED)
+    )
     x = pixels()
     with torch.no_grad():
         expected = mosa(x)
@@ -143,8 +160,9 @@ def attach_head(merged) -> torch.nn.Linear:
 
 
 def test_openclip_lora_folds_into_the_fused_in_projection(tmp_path):
-    mosa, merged = trained_adapter(tmp_path, "openclip", AdapterConfig(method="lora", bottleneck=4, num_experts=4,
-                                                                       share="none", seed=SEED))
+    mosa, merged = trained_adapter(
+        tmp_path, "openclip", AdapterConfig(method="lora", bottleneck=4, num_experts=4, share="none", seed=SEED)
+    )
     x = pixels()
     with torch.no_grad():
         expected = mosa(x)
@@ -164,15 +182,21 @@ def test_openclip_lora_folds_into_the_fused_in_projection(tmp_path):
 
 
 # ---------------------------------------------------------------------------- attach_merged_adapter
-ATTACH_CASES = [("parallel", "openclip", "feature"), ("parallel", "openclip", "library"),
-                ("houlsby", "openclip", "feature"), ("parallel", "hf-vit", "library"),
-                ("sequential", "hf-clip", "feature"), ("lora", "hf-vit", "feature")]
+ATTACH_CASES = [
+    ("parallel", "openclip", "feature"),
+    ("parallel", "openclip", "library"),
+    ("houlsby", "openclip", "feature"),
+    ("parallel", "hf-vit", "library"),
+    ("sequential", "hf-clip", "feature"),
+    ("lora", "hf-vit", "feature"),
+]
 
 
 @pytest.mark.parametrize("method,family,root", ATTACH_CASES)
 def test_attach_merged_adapter_into_an_unmodified_backbone(tmp_path, method, family, root):
-    mosa, merged = trained_adapter(tmp_path, family, AdapterConfig(method=method, bottleneck=8, num_experts=4,
-                                                                   share="none", seed=SEED))
+    mosa, merged = trained_adapter(
+        tmp_path, family, AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none", seed=SEED)
+    )
     x = pixels()
     with torch.no_grad():
         expected = mosa(x)
@@ -191,12 +215,14 @@ def test_attach_merged_adapter_into_an_unmodified_backbone(tmp_path, method, fam
 
 
 def test_attach_refuses_another_backbone_and_unmerged_states(tmp_path):
-    mosa, merged = trained_adapter(tmp_path, "hf-clip", AdapterConfig(method="parallel", bottleneck=8, num_experts=2,
-                                                                      seed=SEED), steps=1)
+    mosa, merged = trained_adapter(
+        tmp_path, "hf-clip", AdapterConfig(method="parallel", bottleneck=8, num_experts=2, seed=SEED), steps=1
+    )
     with pytest.raises(ValueError, match="has no module"):
         attach_merged_adapter(fresh_backbone("openclip").model, merged)
-    write_adapter(tmp_path / "unmerged", adapter_state_dict(mosa), json.loads((merged / "adapter_config.json")
-                                                                                 .read_text()))
+    write_adapter(
+        tmp_path / "unmerged", adapter_state_dict(mosa), json.loads((merged / "adapter_config.json").read_text())
+    )
     with pytest.raises(ValueError, match="unmerged MoSA state"):
         attach_merged_adapter(fresh_backbone("hf-clip").model, tmp_path / "unmerged")
     with pytest.raises(ValueError, match="attach_merged_adapter"):

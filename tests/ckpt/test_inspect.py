@@ -61,8 +61,14 @@ def test_inspect_adapters_and_single_files(zero_run, tmp_path):
     assert shard["kind"] == "torch_file"
     assert shard["entries"]["optimizer_state_dict.zero_stage"] == "2"
     assert "cur_scale" in shard["entries"]["optimizer_state_dict.loss_scaler"]
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(run), "--no-tensors"],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(run), "--no-tensors"],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cli = json.loads(proc.stdout)
     assert cli["tag"] == "step00000010" and "tensors" not in cli and cli["counts"]["trainable_values"] == 1802

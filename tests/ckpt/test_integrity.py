@@ -35,8 +35,11 @@ pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 MERGE = REPO / "tools" / "merge_adapter.py"
 INSPECT = REPO / "tools" / "inspect_checkpoint.py"
 EVAL = REPO / "launchers" / "eval.py"
-KINDS = {"model": "mp_rank_00_model_states.pt", "optim": "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-         "rank": "rank00000_state.pt"}
+KINDS = {
+    "model": "mp_rank_00_model_states.pt",
+    "optim": "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "rank": "rank00000_state.pt",
+}
 
 
 def _copy_run(run: Path, dst: Path) -> Path:
@@ -51,8 +54,9 @@ def _tag_dir(run: Path) -> Path:
 
 
 def _cli(tool: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(tool), *args], cwd=REPO, env=launch_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(tool), *args], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -97,15 +101,25 @@ def test_crafted_pickle_is_refused_without_running(zero_run, tmp_path, kind):
 
 
 # ---------------------------------------------------------------------------- flipped bytes
-@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                  "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank00001_state.pt"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rank00001_state.pt",
+    ],
+)
 def test_flipped_byte_in_any_checkpoint_file_is_refused(zero_run, tmp_path, name):
     run = _copy_run(zero_run(2), tmp_path / "run")
     target = _tag_dir(run) / name
     start, size = data_offsets(target)[-1] if "optim" in name else (None, 0)
     flip_byte(target, None if start is None else start + size // 2)  # optimizer shards: inside tensor data
-    for tool, args in ((MERGE, ["--out", str(tmp_path / "out")]), (INSPECT, []),
-                       (MERGE, ["--out", str(tmp_path / "out"), "--unverified"])):  # a manifest always counts
+    for tool, args in (
+        (MERGE, ["--out", str(tmp_path / "out")]),
+        (INSPECT, []),
+        (MERGE, ["--out", str(tmp_path / "out"), "--unverified"]),
+    ):  # a manifest always counts
         proc = _cli(tool, str(run), *args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"{target}: sha256 differs from the manifest's" in proc.stderr
@@ -126,8 +140,7 @@ def test_unlisted_truncated_and_unmanifested_tags_are_refused(zero_run, tmp_path
     assert f"{tag / 'mp_rank_01_model_states.pt'}: not listed in manifest.json" in str(e.value)
     assert f"{shard}: 1000 bytes, the manifest records" in str(e.value) and "truncated or damaged" in str(e.value)
     (tag / MANIFEST_NAME).unlink()
-    with pytest.raises(CheckpointError, match="manifest.json does not exist: checkpoint 'step00000010' is "
-                                              "incomplete"):
+    with pytest.raises(CheckpointError, match="manifest.json does not exist: checkpoint 'step00000010' is incomplete"):
         consolidate(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -147,8 +160,14 @@ def test_merge_refuses_non_finite_values(zero_run, tmp_path):
 def test_retention_orders_complete_tags_by_step_and_protects_latest(zero_run, tmp_path):
     ckpts = tmp_path / "checkpoints"
     src = _tag_dir(zero_run(2))
-    for name, step in (("step25", 25), ("step30", 30), ("step00000005", 5), ("step00000007", 7),
-                       ("step00000009", 9), ("step00000010", 10)):
+    for name, step in (
+        ("step25", 25),
+        ("step30", 30),
+        ("step00000005", 5),
+        ("step00000007", 7),
+        ("step00000009", 9),
+        ("step00000010", 10),
+    ):
         shutil.copytree(src, ckpts / name)
         body = read_manifest(ckpts / name)
         body["step"] = step
@@ -159,8 +178,15 @@ def test_retention_orders_complete_tags_by_step_and_protects_latest(zero_run, tm
     removed = retain(ckpts, keep=2, step=10, protect={"step00000005"})
     # 9 and 10 are the newest two, 5 is protected; 8 is an earlier save that never finished
     assert sorted(removed) == ["step00000007", "step00000008"]
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step00000005", "step00000009", "step00000010",
-                                                       "step00000011", "step12", "step25", "step30"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step00000005",
+        "step00000009",
+        "step00000010",
+        "step00000011",
+        "step12",
+        "step25",
+        "step30",
+    ]
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -217,11 +243,11 @@ def test_consistently_rewritten_bad_adapters_are_refused_before_allocating(zero_
     cases["shape"] = (shape, base_manifest, f"{up}: (32, 11) in the file, (32, 8) from its config")
 
     huge = json.loads(json.dumps(base_manifest))
-    huge["config"]["adapter"]["bottleneck"] = 2 ** 36  # 8 TB of adapter weights if it were built
+    huge["config"]["adapter"]["bottleneck"] = 2**36  # 8 TB of adapter weights if it were built
     cases["huge"] = (tensors, huge, "(32, 8) in the file, (32, 68719476736) from its config")
 
     classes = json.loads(json.dumps(base_manifest))
-    classes["num_classes"] = 10 ** 12
+    classes["num_classes"] = 10**12
     cases["classes"] = (tensors, classes, "mosa_head.weight: (10, 32) in the file, (1000000000000, 32)")
     for name, (state, manifest, needle) in cases.items():
         d = tmp_path / name
@@ -239,5 +265,7 @@ def test_lying_safetensors_header_is_refused(zero_run, adapter, tmp_path):
     set_header_shape(d / WEIGHTS, "mosa_head.weight", [10_000, 32])  # claims 1.28 MB the file does not hold
     proc = _eval(d, zero_run(2) / "data")
     assert proc.returncode == 2 and not proc.stdout
-    assert f"{d / WEIGHTS}: tensor 'mosa_head.weight': the header says shape [10000, 32] F32 (1280000 bytes)" \
+    assert (
+        f"{d / WEIGHTS}: tensor 'mosa_head.weight': the header says shape [10000, 32] F32 (1280000 bytes)"
         in proc.stderr
+    )

@@ -51,7 +51,13 @@ def test_legacy_checkpoint_is_refused_for_resume(tmp_path):
     # a checkpoint of the current layout passes the same check
     cur = tmp_path / "step1"
     cur.mkdir()
-    torch.save({"module": {"tower.b.mosa_adapter.up.slices": torch.zeros(4),
-                           "tower.b.mosa_adapter.up.assign": torch.zeros(4, dtype=torch.int8)}},
-               cur / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": {
+                "tower.b.mosa_adapter.up.slices": torch.zeros(4),
+                "tower.b.mosa_adapter.up.assign": torch.zeros(4, dtype=torch.int8),
+            }
+        },
+        cur / "mp_rank_00_model_states.pt",
+    )
     refuse_legacy_layout(cur)

@@ -61,8 +61,13 @@ def test_merge_of_up_only_split_equals_expected_output():
     # and the merged state loads into a plain dense adapter that gives the same output
     dense_tower = make_tower(depth=1)
     dense = Classifier(dense_tower, 32)
-    inject_adapters(dense_tower, dense_tower.sites(), AdapterConfig(method="parallel", bottleneck=8, num_experts=1,
-                                                                    dropout=0.0), router=None, width=32)
+    inject_adapters(
+        dense_tower,
+        dense_tower.sites(),
+        AdapterConfig(method="parallel", bottleneck=8, num_experts=1, dropout=0.0),
+        router=None,
+        width=32,
+    )
     missing, unexpected = dense.load_state_dict(merge_state_dict(adapter_state_dict(model)), strict=False)
     assert not unexpected and all("mosa_" not in k for k in missing)
     assert not sparse_layers(dense)

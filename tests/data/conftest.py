@@ -26,9 +26,17 @@ class ShardSetFactory:
     def __init__(self, root: str) -> None:
         self.root = root
 
-    def __call__(self, sizes: Sequence[int], *, name: str = "set", prefix: str = "train",
-                 side: int = 8, index: bool = True, seed: int = 0,
-                 extra: Callable[[int, int, dict], dict] | None = None) -> dict:
+    def __call__(
+        self,
+        sizes: Sequence[int],
+        *,
+        name: str = "set",
+        prefix: str = "train",
+        side: int = 8,
+        index: bool = True,
+        seed: int = 0,
+        extra: Callable[[int, int, dict], dict] | None = None,
+    ) -> dict:
         """Returns {"dir", "pattern", "urls", "samples": {key: (label, pixels)}}."""
         folder = os.path.join(self.root, name)
         os.makedirs(folder)
@@ -42,21 +50,35 @@ class ShardSetFactory:
                     key = f"s{s}-{i:03d}"
                     pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
                     label = int(rng.integers(0, 5))
-                    sample = {"__key__": key, "png": png_bytes(pixels),
-                              "cls": str(label).encode()}
+                    sample = {"__key__": key, "png": png_bytes(pixels), "cls": str(label).encode()}
                     if extra is not None:
                         sample = extra(s, i, sample)
                     writer.write(sample)
                     samples[key] = (label, pixels)
         if index:
             with open(os.path.join(folder, "index.json"), "w") as f:
-                json.dump({"splits": {prefix: {
-                    "shards": [os.path.basename(u) for u in urls], "num_samples": sum(sizes),
-                    "per_shard": list(sizes)}}, "classes": [str(i) for i in range(5)],
-                    "num_classes": 5, "source": "test"}, f)
+                json.dump(
+                    {
+                        "splits": {
+                            prefix: {
+                                "shards": [os.path.basename(u) for u in urls],
+                                "num_samples": sum(sizes),
+                                "per_shard": list(sizes),
+                            }
+                        },
+                        "classes": [str(i) for i in range(5)],
+                        "num_classes": 5,
+                        "source": "test",
+                    },
+                    f,
+                )
         last = len(sizes) - 1
-        return {"dir": folder, "urls": urls, "samples": samples,
-                "pattern": os.path.join(folder, f"{prefix}-{{000000..{last:06d}}}.tar")}
+        return {
+            "dir": folder,
+            "urls": urls,
+            "samples": samples,
+            "pattern": os.path.join(folder, f"{prefix}-{{000000..{last:06d}}}.tar"),
+        }
 
 
 @pytest.fixture

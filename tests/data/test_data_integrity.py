@@ -30,15 +30,21 @@ def bmp_folder(root, per_class: int = 300, side: int = 96) -> str:
         os.makedirs(os.path.join(root, c))
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
-                os.path.join(root, c, f"{i:04d}.bmp"))
+                os.path.join(root, c, f"{i:04d}.bmp")
+            )
     return str(root)
 
 
 def test_sigint_in_the_middle_of_a_shard_leaves_no_file(tmp_path):
     src, out = bmp_folder(tmp_path / "src"), str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, TOOL, src, "--out", out, "--samples-per-shard", "100", "--quiet"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, TOOL, src, "--out", out, "--samples-per-shard", "100", "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stopped_mid_shard = False
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -75,8 +81,13 @@ def test_a_bad_source_file_is_named_and_nothing_is_left(tmp_path):
     for name in ("0010.jpg", "0011.png"):  # stored formats are checked too
         shutil.copy(garbage, os.path.join(src, "a", name))
     os.remove(garbage)
-    proc = subprocess.run([sys.executable, TOOL, src, "--out", out, "--overwrite", "--quiet"], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(
+        [sys.executable, TOOL, src, "--out", out, "--overwrite", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 2 and "cannot be read as an image" in proc.stderr and "Traceback" not in proc.stderr
     assert os.path.join(src, "a", "0010.jpg") in proc.stderr or os.path.join(src, "a", "0011.png") in proc.stderr
     assert os.listdir(out) == ["notes.txt"]
@@ -96,11 +107,20 @@ def test_labels_outside_num_classes_are_skipped_counted_and_named(shard_set, cap
     data = shard_set([6, 6])  # labels 0..4
     labels = {k: label for k, (label, _) in data["samples"].items()}
     caplog.set_level(logging.WARNING, logger="mosa_scale.data.pipeline")
-    loader = build_loader(data["pattern"], **EVAL, train=False, batch_size=4, rank=0, world_size=1, num_workers=0,
-                          seed=0, epoch=0, num_classes=3)
+    loader = build_loader(
+        data["pattern"],
+        **EVAL,
+        train=False,
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=0,
+        epoch=0,
+        num_classes=3,
+    )
     batches = list(loader)
-    valid = {k: int(y) for b in batches for k, y, ok in zip(b["key"], b["label"].tolist(), b["valid"].tolist())
-             if ok}
+    valid = {k: int(y) for b in batches for k, y, ok in zip(b["key"], b["label"].tolist(), b["valid"].tolist()) if ok}
     bad = sorted(k for k, label in labels.items() if label >= 3)
     assert bad and valid == {k: label for k, label in labels.items() if label < 3}
     assert loader.skipped["corrupt"] == len(bad)

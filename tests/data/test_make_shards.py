@@ -51,8 +51,7 @@ def read_split(out: str, split: str) -> dict[str, dict[str, bytes]]:
 
 def test_digits_round_trip_through_tool_and_pipeline(tmp_path):
     out = str(tmp_path / "digits")
-    index = make_shards("digits", out, samples_per_shard=500, splits="train=0.8,val=0.2",
-                        seed=1, progress=False)
+    index = make_shards("digits", out, samples_per_shard=500, splits="train=0.8,val=0.2", seed=1, progress=False)
     digits = load_digits_images()
     assert digits.images.shape == (1797, 8, 8) and digits.images.max() == 255
     assert index["classes"] == [str(i) for i in range(10)] and index["num_classes"] == 10
@@ -64,24 +63,35 @@ def test_digits_round_trip_through_tool_and_pipeline(tmp_path):
     for split in ("train", "val"):
         for fields in read_split(out, split).values():
             meta = json.loads(fields["json"])
-            i = int(meta["origin"][len("digits["):-1])
+            i = int(meta["origin"][len("digits[") : -1])
             origins.append(i)
             pixels = np.array(Image.open(io.BytesIO(fields["png"])))
             assert np.array_equal(pixels, digits.images[i])
             assert int(fields["cls"]) == meta["label"] == digits.labels[i]
     assert sorted(origins) == list(range(1797))  # each image exactly once over the splits
 
-    loader = build_loader(DataSpec(out, split="val"), image_size=8, mean=(0, 0, 0),
-                          std=(1, 1, 1), train=False, batch_size=64, rank=0, world_size=1,
-                          num_workers=0, seed=0, epoch=0)
+    loader = build_loader(
+        DataSpec(out, split="val"),
+        image_size=8,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        train=False,
+        batch_size=64,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=0,
+        epoch=0,
+    )
     val = read_split(out, "val")
     seen = 0
     for batch in loader:
-        for key, ok, label, image in zip(batch["key"], batch["valid"].tolist(),
-                                         batch["label"].tolist(), batch["image"]):
+        for key, ok, label, image in zip(
+            batch["key"], batch["valid"].tolist(), batch["label"].tolist(), batch["image"]
+        ):
             if not ok:
                 continue
-            i = int(json.loads(val[key]["json"])["origin"][len("digits["):-1])
+            i = int(json.loads(val[key]["json"])["origin"][len("digits[") : -1])
             expected = torch.from_numpy(digits.images[i]).expand(3, 8, 8)  # gray -> RGB
             assert torch.equal((image * 255).round().to(torch.uint8), expected)
             assert label == digits.labels[i]
@@ -131,7 +141,7 @@ def test_csv_source_with_class_names_and_bad_rows_named_by_line(tmp_path):
     assert index["classes"] == ["cat", "dog"] and index["splits"]["train"]["num_samples"] == 7
     for fields in read_split(str(tmp_path / "out"), "train").values():
         meta = json.loads(fields["json"])
-        assert meta["class"] == files[meta["origin"][len("imgs/"):]][0]
+        assert meta["class"] == files[meta["origin"][len("imgs/") :]][0]
 
     bad = rows[:2] + ["imgs/missing.png,cat", rows[2] + ",extra", "notes.txt,dog", ",cat"]
     (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
@@ -139,8 +149,7 @@ def test_csv_source_with_class_names_and_bad_rows_named_by_line(tmp_path):
         make_shards(str(tmp_path / "bad.csv"), str(tmp_path / "out2"), progress=False)
     message = str(err.value)
     assert "4 bad row(s)" in message
-    for line, what in ((3, "does not exist"), (4, "expected 2 columns"),
-                       (5, "is not a jpg"), (6, "empty path")):
+    for line, what in ((3, "does not exist"), (4, "expected 2 columns"), (5, "is not a jpg"), (6, "empty path")):
         assert f"line {line}: " in message and what in message
     assert not os.path.exists(tmp_path / "out2")  # nothing written on error
 
@@ -157,24 +166,21 @@ def test_integer_csv_labels_are_class_indices(tmp_path):
 
 def test_shards_respect_sample_and_byte_limits(tmp_path):
     out = str(tmp_path / "out")
-    index = make_shards("digits", out, samples_per_shard=40, max_shard_bytes=30 * 1024,
-                        limit=200, progress=False)
+    index = make_shards("digits", out, samples_per_shard=40, max_shard_bytes=30 * 1024, limit=200, progress=False)
     split = index["splits"]["train"]
     assert sum(split["per_shard"]) == 200 and len(split["shards"]) > 200 // 40
     for name, count, size in zip(split["shards"], split["per_shard"], split["bytes"]):
         path = os.path.join(out, name)
         assert os.path.getsize(path) == size <= 30 * 1024
         assert len(read_tar(path)) == count <= 40
-    index = make_shards("digits", out, samples_per_shard=40, limit=200, overwrite=True,
-                        progress=False)
+    index = make_shards("digits", out, samples_per_shard=40, limit=200, overwrite=True, progress=False)
     assert index["splits"]["train"]["per_shard"] == [40] * 5
     assert sorted(os.listdir(out)) == ["index.json"] + [f"train-{i:06d}.tar" for i in range(5)]
 
 
 def test_same_seed_gives_identical_shards_other_seed_another_split(tmp_path):
     def build(name, seed):
-        make_shards("digits", str(tmp_path / name), splits="train=0.5,val=0.5", seed=seed,
-                    limit=100, progress=False)
+        make_shards("digits", str(tmp_path / name), splits="train=0.5,val=0.5", seed=seed, limit=100, progress=False)
         return {n: (tmp_path / name / n).read_bytes() for n in os.listdir(tmp_path / name)}
 
     a, b, c = build("a", 3), build("b", 3), build("c", 4)
@@ -194,9 +200,23 @@ def test_refuses_to_overwrite_unless_asked_and_keeps_foreign_files(tmp_path):
 
 def test_cli_writes_shards_shows_progress_and_fails_cleanly(tmp_path, capsys):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, TOOL, "digits", "--out", out, "--samples-per-shard", "100",
-           "--split", "train=0.75,val=0.25", "--seed", "5", "--limit", "400",
-           "--max-shard-bytes", "1M"]
+    cmd = [
+        sys.executable,
+        TOOL,
+        "digits",
+        "--out",
+        out,
+        "--samples-per-shard",
+        "100",
+        "--split",
+        "train=0.75,val=0.25",
+        "--seed",
+        "5",
+        "--limit",
+        "400",
+        "--max-shard-bytes",
+        "1M",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "train: 300 samples in 3 shards" in done.stdout and "100%" in done.stderr
@@ -204,9 +224,11 @@ def test_cli_writes_shards_shows_progress_and_fails_cleanly(tmp_path, capsys):
         assert json.load(f)["splits"]["val"]["per_shard"] == [100]
     (tmp_path / "empty").mkdir()
     tool = load_tool()  # the error paths, in-process (a subprocess costs seconds of imports)
-    for argv, message in (([*cmd[2:]], "pass --overwrite"),
-                          ([str(tmp_path / "nope"), "--out", out + "2"], "is neither a folder"),
-                          ([str(tmp_path / "empty"), "--out", out + "3"], "no class sub-folders")):
+    for argv, message in (
+        ([*cmd[2:]], "pass --overwrite"),
+        ([str(tmp_path / "nope"), "--out", out + "2"], "is neither a folder"),
+        ([str(tmp_path / "empty"), "--out", out + "3"], "no class sub-folders"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             tool.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -223,17 +245,21 @@ def test_split_and_size_parsing():
     assert parse_splits("train=0.8,val=0.2") == {"train": 0.8, "val": 0.2}
     assert split_sizes(1797, {"train": 0.8, "val": 0.2}) == {"train": 1438, "val": 359}
     assert split_sizes(10, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == {"a": 4, "b": 3, "c": 3}
-    for bad, why in (("train=0.8", "sum to 0.8"), ("train=0.5,train=0.5", "unique"),
-                     ("tr.ain=1", "letters"), ("train=x", "not a number"), ("a=0,b=1", "(0, 1]")):
+    for bad, why in (
+        ("train=0.8", "sum to 0.8"),
+        ("train=0.5,train=0.5", "unique"),
+        ("tr.ain=1", "letters"),
+        ("train=x", "not a number"),
+        ("a=0,b=1", "(0, 1]"),
+    ):
         with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
             parse_splits(bad)
-    assert parse_size("512K") == 512 * 1024 and parse_size("1e6") == 10 ** 6
-    assert parse_size("2G") == 2 * 1024 ** 3
+    assert parse_size("512K") == 512 * 1024 and parse_size("1e6") == 10**6
+    assert parse_size("2G") == 2 * 1024**3
     with pytest.raises(ValueError, match="bad size"):
         parse_size("lots")
     with pytest.raises(ValueError, match="no sample"):
-        make_shards("digits", "/nonexistent/never", splits="a=0.999,b=0.001", limit=10,
-                    progress=False)
+        make_shards("digits", "/nonexistent/never", splits="a=0.999,b=0.001", limit=10, progress=False)
 
 
 def test_read_idx_plain_and_gzipped(tmp_path):
@@ -257,19 +283,21 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path):
     assert not fashion_mnist_available(str(tmp_path))
 
 
-@pytest.mark.skipif(not fashion_mnist_available(),
-                    reason="Debian package dataset-fashion-mnist is not installed "
-                           "(apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not fashion_mnist_available(),
+    reason="Debian package dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)",
+)
 def test_fashion_mnist_from_the_debian_package(tmp_path):
     data = load_fashion_mnist()
     assert data.images.shape == (70000, 28, 28) and data.images.dtype == np.uint8
     assert np.bincount(data.labels[:60000]).tolist() == [6000] * 10  # balanced train set
     assert np.bincount(data.labels[60000:]).tolist() == [1000] * 10
     out = str(tmp_path / "fm")
-    index = make_shards("fashion-mnist", out, limit=300, samples_per_shard=100,
-                        splits="train=0.5,val=0.5", progress=False)
+    index = make_shards(
+        "fashion-mnist", out, limit=300, samples_per_shard=100, splits="train=0.5,val=0.5", progress=False
+    )
     assert index["classes"][0] == "T-shirt/top" and index["num_classes"] == 10
     for fields in read_split(out, "val").values():
-        i = int(json.loads(fields["json"])["origin"][len("fashion-mnist["):-1])
+        i = int(json.loads(fields["json"])["origin"][len("fashion-mnist[") : -1])
         assert np.array_equal(np.array(Image.open(io.BytesIO(fields["png"]))), data.images[i])
         assert int(fields["cls"]) == data.labels[i]

@@ -21,8 +21,7 @@ UNEVEN = [9, 3, 14, 5, 1, 8, 6, 2]  # 48 samples in 8 shards of very different s
 
 
 def loader(spec, **kw):
-    args = dict(EVAL, train=True, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0,
-                epoch=0, resampled=False)
+    args = dict(EVAL, train=True, batch_size=4, rank=0, world_size=1, num_workers=0, seed=0, epoch=0, resampled=False)
     args.update(kw)
     return build_loader(spec, **args)
 
@@ -52,8 +51,7 @@ def test_two_ranks_two_workers_see_every_sample_once_with_equal_batch_counts(sha
         for b in batches:
             assert b["image"].shape == (4, 3, 8, 8) and b["image"].dtype == torch.float32
             assert b["label"].dtype == torch.int64 and b["valid"].dtype == torch.bool
-            for key, label, ok, image in zip(b["key"], b["label"].tolist(),
-                                             b["valid"].tolist(), b["image"]):
+            for key, label, ok, image in zip(b["key"], b["label"].tolist(), b["valid"].tolist(), b["image"]):
                 if ok:
                     assert label == data["samples"][key][0]
                 else:  # padding: ignored by the loss, zero image, empty key
@@ -116,13 +114,11 @@ def corrupt_set(shard_set, truncate, index: bool = True):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted_exactly(
-        shard_set, truncate, world_size):
+def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted_exactly(shard_set, truncate, world_size):
     data, lost = corrupt_set(shard_set, truncate)
     keys, totals, nbatches = [], Counter(), set()
     for rank in range(world_size):
-        batches, skipped = run(data["pattern"], rank=rank, world_size=world_size,
-                               num_workers=2, batch_size=3)
+        batches, skipped = run(data["pattern"], rank=rank, world_size=world_size, num_workers=2, batch_size=3)
         keys += valid_keys(batches)
         totals.update(skipped)
         nbatches.add(len(batches))
@@ -227,8 +223,9 @@ def test_jpg_webp_and_grayscale_decode_to_rgb(shard_set):
 def test_spec_from_folder_with_index_split(tmp_path):
     from mosa_scale.data import make_shards
 
-    make_shards("digits", str(tmp_path / "d"), samples_per_shard=100, splits="train=0.9,val=0.1",
-                limit=300, progress=False)
+    make_shards(
+        "digits", str(tmp_path / "d"), samples_per_shard=100, splits="train=0.9,val=0.1", limit=300, progress=False
+    )
     val = resolve_shards(DataSpec(str(tmp_path / "d"), split="val"))
     assert [os.path.basename(u) for u in val.urls] == ["val-000000.tar"]
     assert val.sizes == (30,) and val.classes == tuple(str(i) for i in range(10))
@@ -250,18 +247,21 @@ def consume(ld, n):
 
 
 def same_batches(a, b) -> bool:
-    return all(x["key"] == y["key"] and torch.equal(x["image"], y["image"])
-               and torch.equal(x["label"], y["label"]) and torch.equal(x["valid"], y["valid"])
-               and x["skipped"] == y["skipped"] for x, y in zip(a, b, strict=True))
+    return all(
+        x["key"] == y["key"]
+        and torch.equal(x["image"], y["image"])
+        and torch.equal(x["label"], y["label"])
+        and torch.equal(x["valid"], y["valid"])
+        and x["skipped"] == y["skipped"]
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("resampled", [False, True])
 def test_resume_at_step_s_equals_the_uninterrupted_run(shard_set, truncate, resampled):
     spoiled, _ = corrupt_set(shard_set, truncate)  # resume must keep counts exact too
-    spec = DataSpec(spoiled["pattern"], shuffle_buffer=4, samples_per_epoch=40,
-                    crop_scale=(0.2, 1.0))
-    common = dict(world_size=2, num_workers=2, batch_size=3, image_size=6, epoch=2, seed=7,
-                  resampled=resampled)
+    spec = DataSpec(spoiled["pattern"], shuffle_buffer=4, samples_per_epoch=40, crop_scale=(0.2, 1.0))
+    common = dict(world_size=2, num_workers=2, batch_size=3, image_size=6, epoch=2, seed=7, resampled=resampled)
     for rank in (0, 1):
         full = list(loader(spec, rank=rank, **common))
         n = len(full)
@@ -330,9 +330,22 @@ def test_round_robin_and_resume_point_match_the_dataloader_order():
 
 def test_plan_covers_every_shard_once_with_equal_batches():
     sizes = [9, 3, 14, 5, 1, 8, 6, 2, 11]
-    plans = [plan_epoch(sizes, num_shards=9, rank=r, world_size=3, num_workers=2, batch_size=4,
-                        seed=3, epoch=1, shuffle=True, resampled=False, samples_per_epoch=None)
-             for r in range(3)]
+    plans = [
+        plan_epoch(
+            sizes,
+            num_shards=9,
+            rank=r,
+            world_size=3,
+            num_workers=2,
+            batch_size=4,
+            seed=3,
+            epoch=1,
+            shuffle=True,
+            resampled=False,
+            samples_per_epoch=None,
+        )
+        for r in range(3)
+    ]
     shards = sorted(i for p in plans for w in p.worker_shards for i in w)
     assert shards == list(range(9))
     assert len({p.num_batches for p in plans}) == 1

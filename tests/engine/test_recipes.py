@@ -20,10 +20,25 @@ SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
 HOSTFILE = REPO / "launchers" / "hostfile.example"
 
 VTAB_CLASSES = {
-    "cifar100": 100, "caltech101": 102, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
-    "svhn": 10, "sun397": 397, "patch_camelyon": 2, "eurosat": 10, "resisc45": 45,
-    "diabetic_retinopathy": 5, "clevr_count": 8, "clevr_distance": 6, "dmlab": 6, "kitti_distance": 4,
-    "dsprites_location": 16, "dsprites_orientation": 16, "smallnorb_azimuth": 18, "smallnorb_elevation": 9,
+    "cifar100": 100,
+    "caltech101": 102,
+    "dtd": 47,
+    "oxford_flowers102": 102,
+    "oxford_iiit_pet": 37,
+    "svhn": 10,
+    "sun397": 397,
+    "patch_camelyon": 2,
+    "eurosat": 10,
+    "resisc45": 45,
+    "diabetic_retinopathy": 5,
+    "clevr_count": 8,
+    "clevr_distance": 6,
+    "dmlab": 6,
+    "kitti_distance": 4,
+    "dsprites_location": 16,
+    "dsprites_orientation": 16,
+    "smallnorb_azimuth": 18,
+    "smallnorb_elevation": 9,
 }
 # recipe: (lr, r, N, share, classes, train images, val images); the image counts are the make_shards
 # split of the source folder named in each file's header (VTAB-1k: 800 train / 200 val of 1,000).
@@ -133,19 +148,36 @@ def test_sbatch_builds_hostfile_and_launches_deepspeed(tmp_path: Path):
     bin_dir.mkdir()
     _stub(bin_dir / "scontrol", '[ "$1 $2 $3" = "show hostnames gpu-[7-8]" ] && printf "gpu-7\\ngpu-8\\n"\n')
     _stub(bin_dir / "deepspeed", 'printf "%s\\n" "$@" > "$SLURM_SUBMIT_DIR/argv"\n')
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-[7-8]", "SLURM_JOB_ID": "4242",
-           "SLURM_SUBMIT_DIR": str(tmp_path), "TMPDIR": str(tmp_path), "SLURM_GPUS_ON_NODE": "4"}
-    proc = subprocess.run(["bash", str(SBATCH), "cfg.yaml", "train.steps=5"], env=env, capture_output=True,
-                          text=True, timeout=30)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SLURM_JOB_NODELIST": "gpu-[7-8]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "TMPDIR": str(tmp_path),
+        "SLURM_GPUS_ON_NODE": "4",
+    }
+    proc = subprocess.run(
+        ["bash", str(SBATCH), "cfg.yaml", "train.steps=5"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 0, proc.stderr
     hostfile = tmp_path / "mosa-hostfile.4242"
     assert hostfile.read_text() == "gpu-7 slots=4\ngpu-8 slots=4\n"
     assert (tmp_path / "argv").read_text().split("\n")[:-1] == [
-        "--hostfile", str(hostfile), "--master_addr", "gpu-7", "--master_port", str(20000 + 4242),
-        "launchers/train.py", "--config", "cfg.yaml", "train.steps=5"]
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "gpu-7",
+        "--master_port",
+        str(20000 + 4242),
+        "launchers/train.py",
+        "--config",
+        "cfg.yaml",
+        "train.steps=5",
+    ]
 
 
 def test_sbatch_without_config_prints_usage(tmp_path: Path):
-    proc = subprocess.run(["bash", str(SBATCH)], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-                          timeout=30, cwd=tmp_path)
+    proc = subprocess.run(
+        ["bash", str(SBATCH)], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30, cwd=tmp_path
+    )
     assert proc.returncode != 0 and "usage: sbatch launchers/slurm/train.sbatch CONFIG.yaml" in proc.stderr

@@ -38,8 +38,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 def args(run: Path, shards: Path, *extra: str) -> list[str]:
-    return ["--config", str(CONFIG), f"train.run_dir={run}", f"data.train={shards}", f"data.val={shards}",
-            f"train.steps={STEPS}", "train.checkpoint_every=5", "train.eval_every=10", *extra]
+    return [
+        "--config",
+        str(CONFIG),
+        f"train.run_dir={run}",
+        f"data.train={shards}",
+        f"data.val={shards}",
+        f"train.steps={STEPS}",
+        "train.checkpoint_every=5",
+        "train.eval_every=10",
+        *extra,
+    ]
 
 
 def final_eval(stdout: str) -> dict:
@@ -61,8 +70,11 @@ def copy_run(run: Path, dst: Path) -> Path:
 
 def snapshot(run: Path) -> dict[str, str]:
     """sha256 of every file of a run directory but its lock file."""
-    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file() and p.name != "run.lock"}
+    return {
+        p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != "run.lock"
+    }
 
 
 def launch(run: Path, shards: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -79,8 +91,10 @@ def test_resuming_a_finished_run_prints_its_final_eval_and_latest_is_required(fi
     proc = launch(copy, shards)
     assert proc.returncode == 2, proc.stderr[-3000:]
     for rank in (0, 1):
-        assert f"[rank{rank}] train: stopped: {copy / 'checkpoints'} holds checkpoint(s) step00000015, " \
-               "step00000020 but no 'latest' file" in proc.stderr
+        assert (
+            f"[rank{rank}] train: stopped: {copy / 'checkpoints'} holds checkpoint(s) step00000015, "
+            "step00000020 but no 'latest' file" in proc.stderr
+        )
     assert f"echo step00000020 > {copy / 'checkpoints' / 'latest'}" in proc.stderr and "to start fresh" in proc.stderr
     assert snapshot(copy) == before  # refused before anything was written
     (copy / "checkpoints" / "latest").write_text("step00000020")
@@ -106,8 +120,9 @@ def test_crafted_pickles_and_flipped_bytes_are_refused_on_resume(finished, shard
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "checkpoint" in proc.stderr and "is refused (5 problem(s))" in proc.stderr
     for name in planted:
-        assert f"{tag / name}: refused without running anything from it: it holds the pickled global 'exec'" \
-            in proc.stderr
+        assert (
+            f"{tag / name}: refused without running anything from it: it holds the pickled global 'exec'" in proc.stderr
+        )
     for name in flipped:
         assert f"{tag / name}: sha256 differs from the manifest's" in proc.stderr
     assert "[rank0] train: stopped" in proc.stderr and "[rank1] train: stopped" in proc.stderr
@@ -134,15 +149,24 @@ def test_retention_by_step_keeps_latest_and_the_tag_just_written(finished, shard
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000015", "step00000020", "step25", "step30"]
     assert (ckpts / "latest").read_text() == "step00000020"
     verify_tag(ckpts / "step00000020")
-    a, b = load_file(str(finished[0] / "adapter" / "adapter.safetensors")), load_file(
-        str(run / "adapter" / "adapter.safetensors"))
+    a, b = (
+        load_file(str(finished[0] / "adapter" / "adapter.safetensors")),
+        load_file(str(run / "adapter" / "adapter.safetensors")),
+    )
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_no_checkpoint_inside_a_nonfinite_streak(shards, tmp_path):
     run = tmp_path / "nan"
-    proc = launch(run, shards, "optim.lr=1e30", "optim.warmup_steps=0", "train.max_bad_steps=3",
-                  "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    proc = launch(
+        run,
+        shards,
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "train.max_bad_steps=3",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=2",
+    )
     assert proc.returncode != 0
     assert "3 optimizer steps in a row had a non-finite loss (train.max_bad_steps=3)" in proc.stderr
     assert "step 2: no checkpoint, the last 1 step(s) had a non-finite loss" in proc.stderr
@@ -185,8 +209,9 @@ def test_second_launch_is_refused_and_a_kill_mid_save_resumes_exactly(finished, 
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     cmd = deepspeed_cmd(TRAIN, args(run, shards, "train.checkpoint_every=1"))
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     caught, deadline = None, time.time() + 400
     try:
         while caught is None and time.time() < deadline and launcher.poll() is None:
@@ -197,8 +222,11 @@ def test_second_launch_is_refused_and_a_kill_mid_save_resumes_exactly(finished, 
             ranks = _ranks(launcher)
             for p in ranks.values():
                 p.send_signal(signal.SIGSTOP)  # frozen in the middle of writing `tag`
-            if len(ranks) == 2 and not (ckpts / tag / MANIFEST_NAME).exists() and \
-                    (ckpts / "latest").read_text().strip() < tag:
+            if (
+                len(ranks) == 2
+                and not (ckpts / tag / MANIFEST_NAME).exists()
+                and (ckpts / "latest").read_text().strip() < tag
+            ):
                 caught = (tag, ranks)
             else:
                 for p in ranks.values():
@@ -223,7 +251,9 @@ def test_second_launch_is_refused_and_a_kill_mid_save_resumes_exactly(finished, 
     assert f"took over the lock of an earlier run in {run} that ended without releasing it" in proc.stderr
     assert f"resumed from {previous}" in proc.stderr
     assert f"removing {ckpts / tag}: an earlier save of step {int(tag[4:])} that did not finish" in proc.stderr
-    a, b = load_file(str(finished[0] / "adapter" / "adapter.safetensors")), load_file(
-        str(run / "adapter" / "adapter.safetensors"))
+    a, b = (
+        load_file(str(finished[0] / "adapter" / "adapter.safetensors")),
+        load_file(str(run / "adapter" / "adapter.safetensors")),
+    )
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert final_eval(proc.stdout) == finished[1]

@@ -36,8 +36,14 @@ def full_run(tmp_path_factory):
 
 def test_run_directory_layout(full_run):
     run, proc = full_run
-    for rel in ("config.yaml", "tb", "checkpoints/latest", "metrics.jsonl", "adapter/adapter.safetensors",
-                "adapter/adapter_config.json"):
+    for rel in (
+        "config.yaml",
+        "tb",
+        "checkpoints/latest",
+        "metrics.jsonl",
+        "adapter/adapter.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (run / rel).exists(), rel
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [15, 30] and all(0.0 <= e["top1"] <= 1.0 for e in evals)
@@ -59,8 +65,18 @@ def test_tensorboard_scalars(full_run):
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss/ce", "loss/consistency", "lr", "throughput/samples_per_s", "time/step_s", "time/data_s",
-                "memory/peak_mb", "eval/top1", "eval/merged_vs_stochastic_l1", "data/skipped_corrupt"):
+    for tag in (
+        "loss/ce",
+        "loss/consistency",
+        "lr",
+        "throughput/samples_per_s",
+        "time/step_s",
+        "time/data_s",
+        "memory/peak_mb",
+        "eval/top1",
+        "eval/merged_vs_stochastic_l1",
+        "data/skipped_corrupt",
+    ):
         assert tag in tags, tag
     assert any(t.startswith("experts/") for t in tags)
     # FLOPs per GPU per second follow from the step's FLOPs and its measured time
@@ -138,20 +154,41 @@ def test_bad_config_fails_fast_listing_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {stesp: 5, micro_batch: 8, global_batch: 30, precision: fp8}\nadapter: {share: both}\n")
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(bad), "optim.lr=fast"], cwd=REPO,
-                          env=launch_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(bad), "optim.lr=fast"],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.time() - t0
     assert proc.returncode == 2 and elapsed < 10
-    for needle in ("train.stesp: unknown key; did you mean 'steps'", "train.precision", "adapter.share",
-                   "optim.lr", "train.global_batch: 30"):
+    for needle in (
+        "train.stesp: unknown key; did you mean 'steps'",
+        "train.precision",
+        "adapter.share",
+        "optim.lr",
+        "train.global_batch: 30",
+    ):
         assert needle in proc.stderr, (needle, proc.stderr)
     assert "5 configuration problem(s)" in proc.stderr
 
 
 def test_bf16_zero3_keeps_mosa_buffers_and_adapter_in_fp32(tmp_path):
     run = tmp_path / "bf16"
-    deepspeed_launch(TRAIN, train_args(run, "train.precision=bf16", "train.zero_config=ds_configs/zero3.json",
-                                       "train.steps=6", "train.eval_every=6", "train.checkpoint_every=6"), ranks=2)
+    deepspeed_launch(
+        TRAIN,
+        train_args(
+            run,
+            "train.precision=bf16",
+            "train.zero_config=ds_configs/zero3.json",
+            "train.steps=6",
+            "train.eval_every=6",
+            "train.checkpoint_every=6",
+        ),
+        ranks=2,
+    )
     merged = load_file(str(run / "adapter" / "adapter.safetensors"))
     assert merged and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in merged.values())
     tag = (run / "checkpoints" / "latest").read_text().strip()
@@ -165,9 +202,18 @@ def test_bf16_zero3_keeps_mosa_buffers_and_adapter_in_fp32(tmp_path):
 
 def test_nonfinite_losses_stop_the_run_after_max_bad_steps(tmp_path):
     run = tmp_path / "nan"
-    proc = subprocess.run([sys.executable, str(TRAIN), *train_args(run, "optim.lr=1e30", "optim.warmup_steps=0",
-                                                               "train.max_bad_steps=3", "train.micro_batch=32")],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            *train_args(run, "optim.lr=1e30", "optim.warmup_steps=0", "train.max_bad_steps=3", "train.micro_batch=32"),
+        ],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "3 optimizer steps in a row had a non-finite loss (train.max_bad_steps=3)" in proc.stderr
     assert not (run / "adapter" / "adapter.safetensors").exists()
@@ -179,9 +225,14 @@ def test_torchrun_launch_trains_the_same_adapter(full_run, tmp_path):
     run_a, _ = full_run
     run_b = tmp_path / "torchrun"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(TRAIN),
-                           *train_args(run_b)], cwd=REPO, env=launch_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(TRAIN), *train_args(run_b)],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_file(str(run_a / "adapter" / "adapter.safetensors"))
     b = load_file(str(run_b / "adapter" / "adapter.safetensors"))

@@ -56,11 +56,16 @@ def tag(stage, n, share, inactive, scope, world=2) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
-    specs = [f"{s}/{n}/{sh}/{i}/{sc}" + ("/resume" if (s, n, sh, i, sc) in RESUMED else "")
-             for s, n, sh, i, sc in matrix() + DENSE]
+    specs = [
+        f"{s}/{n}/{sh}/{i}/{sc}" + ("/resume" if (s, n, sh, i, sc) in RESUMED else "")
+        for s, n, sh, i, sc in matrix() + DENSE
+    ]
     deepspeed_launch(WORKER, ["--out", str(out), "--runs", ",".join(specs), "--name", "two"], ranks=2, timeout=1500)
-    deepspeed_launch(WORKER, ["--out", str(out), "--runs", "1/4/none/skip/rank,2/4/none/skip/rank,3/4/none/skip/rank",
-                              "--name", "one"], ranks=1)
+    deepspeed_launch(
+        WORKER,
+        ["--out", str(out), "--runs", "1/4/none/skip/rank,2/4/none/skip/rank,3/4/none/skip/rank", "--name", "one"],
+        ranks=1,
+    )
     results = []
     for f in sorted(out.glob("result_*.json")):
         results += json.loads(f.read_text())
@@ -75,8 +80,9 @@ def reference(share: str, n: int, inactive: str, scope: str, world: int = 2):
     reference drifts ~3e-6 from any float32 run, dense parameters included: Adam amplifies the
     float32 rounding of tiny gradients. tests/adapters/test_reference_exact.py checks the semantics
     in float64 to 1e-9.)"""
-    cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=n, share=share, split_bias=True,
-                        dropout=0.0, seed=3)
+    cfg = AdapterConfig(
+        method="parallel", bottleneck=8, num_experts=n, share=share, split_bias=True, dropout=0.0, seed=3
+    )
     model, ref, refs, _, _ = build_pair(cfg)
     layers = sorted(sparse_layers(model).items(), key=lambda kv: kv[1].route_id)
     plans = Router(seed=3, scope=scope, world_size=world)
@@ -126,8 +132,11 @@ def test_partition_boundaries_cut_slices(runs):
     """The checks above include slices whose elements sit on both ranks' partitions."""
     _, results = runs
     for stage in (1, 2, 3):
-        cut = [r["cut_slices"] for r in results if r["stage"] == stage and r["experts"] in (3, 4)
-               and r["share"] == "none" and r["world"] == 2]
+        cut = [
+            r["cut_slices"]
+            for r in results
+            if r["stage"] == stage and r["experts"] in (3, 4) and r["share"] == "none" and r["world"] == 2
+        ]
         assert sum(cut) > 0, (stage, cut)
 
 
@@ -147,15 +156,22 @@ def test_trained_values_match_reference(runs, stage, n, share, inactive, scope):
 @pytest.mark.parametrize("stage,n,share,inactive,scope", RESUMED)
 def test_resume_mid_run_equals_uninterrupted(runs, stage, n, share, inactive, scope):
     _, results = runs
-    mine = [r for r in results if (r["stage"], r["experts"], r["share"], r["inactive"], r["scope"], r["world"])
-            == (stage, n, share, inactive, scope, 2)]
+    mine = [
+        r
+        for r in results
+        if (r["stage"], r["experts"], r["share"], r["inactive"], r["scope"], r["world"])
+        == (stage, n, share, inactive, scope, 2)
+    ]
     assert len(mine) == 2 and all(r["resumed_gap"] is not None and r["resumed_gap"] <= 1e-6 for r in mine), mine
 
 
 def test_two_param_groups_and_one_dense_adapter_of_state(runs):
     _, results = runs
-    by = {(r["stage"], r["experts"], r["share"], r["inactive"], r["world"], r["rank"]): r for r in results
-          if r["scope"] == "rank" or r["world"] == 2 and r["experts"] == 4}
+    by = {
+        (r["stage"], r["experts"], r["share"], r["inactive"], r["world"], r["rank"]): r
+        for r in results
+        if r["scope"] == "rank" or r["world"] == 2 and r["experts"] == 4
+    }
     lines = []
     for stage in (0, 1, 2, 3):
         mosa = by[(stage, 4, "none", "skip", 2, 0)]
@@ -165,8 +181,9 @@ def test_two_param_groups_and_one_dense_adapter_of_state(runs):
         # split biases: MoSA holds exactly the dense adapter's values; ZeRO pads each of the 2 groups
         pad = 2 * 2 * 2 * 4 * 2
         assert abs(mosa["adam_state_bytes"] - dense["adam_state_bytes"]) <= pad
-        line = (f"ZeRO-{stage}: Adam state per rank MoSA {mosa['adam_state_bytes']} B, "
-                f"dense {dense['adam_state_bytes']} B")
+        line = (
+            f"ZeRO-{stage}: Adam state per rank MoSA {mosa['adam_state_bytes']} B, dense {dense['adam_state_bytes']} B"
+        )
         if stage == 0:
             assert mosa["adam_state_bytes"] == dense["adam_state_bytes"] == 8 * mosa["trainable"]
         else:

@@ -33,13 +33,19 @@ def build(stage: int, experts: int, share: str, inactive: str, scope: str, rank:
     router = Router(seed=3, scope=scope, rank=rank, world_size=world)
     tower = make_tower()
     model = Classifier(tower, 32)
-    cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=experts, share=share, split_bias=True,
-                        dropout=0.0, seed=3)
+    cfg = AdapterConfig(
+        method="parallel", bottleneck=8, num_experts=experts, share=share, split_bias=True, dropout=0.0, seed=3
+    )
     inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=WD, lr=LR, eps=EPS, inactive=inactive)
-    ds = {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
-          "gradient_accumulation_steps": 1, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    ds = {
+        "train_batch_size": MICRO * world,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+    }
     engine = initialize(model, opt, None, ds)  # binds the optimizer to ZeRO's partitions
     return model, opt, engine, router
 
@@ -56,8 +62,9 @@ def snapshot(opt, tensors, layers, frozen) -> list[torch.Tensor]:
         st = opt.state.get(t, {})
         for key, start, n in opt.expert_runs(t):
             if key in frozen:  # a moment not created yet is zero
-                out += [t.detach()[start:start + n].clone()] + [
-                    st[x][start:start + n].clone() if x in st else t.new_zeros(n) for x in ("exp_avg", "exp_avg_sq")]
+                out += [t.detach()[start : start + n].clone()] + [
+                    st[x][start : start + n].clone() if x in st else t.new_zeros(n) for x in ("exp_avg", "exp_avg_sq")
+                ]
     for r, k in sorted(frozen):
         out += [layers[r].steps[k].clone(), layers[r].decay[k].clone()]
     return out
@@ -87,8 +94,12 @@ def train(model, opt, engine, router, *, rank, world, start, stop, check):
     for step in range(start, stop):
         window = router.begin_step(step)
         # skip: every slice no unit used; coast: only those never used yet
-        frozen = {(r, k) for r, m in layers.items() for k in range(m.num_experts)
-                  if (r, k) not in window.active and (opt.inactive == "skip" or int(m.steps[k]) == 0)}
+        frozen = {
+            (r, k)
+            for r, m in layers.items()
+            for k in range(m.num_experts)
+            if (r, k) not in window.active and (opt.inactive == "skip" or int(m.steps[k]) == 0)
+        }
         before = snapshot(opt, tensors, layers, frozen) if check else []
         x, y = data[step * world + rank]
         with router.forward_pass():
@@ -123,37 +134,58 @@ def run(stage, experts, share, inactive, scope, rank, world, out: Path, resume: 
         train(m3, o3, e3, r3, rank=rank, world=world, start=STEPS // 2, stop=STEPS, check=False)
         again = full_fp32_params(e3, names)
         again_buf = {n: b.detach().cpu() for n, b in m3.named_buffers() if n.endswith((".decay", ".steps"))}
-        resumed_gap = max([float((values[n] - again[n]).abs().max()) for n in names]
-                          + [float((buffers[n].double() - again_buf[n].double()).abs().max()) for n in buffers])
+        resumed_gap = max(
+            [float((values[n] - again[n]).abs().max()) for n in names]
+            + [float((buffers[n].double() - again_buf[n].double()).abs().max()) for n in buffers]
+        )
         dist.barrier()
         if rank == 0:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     tensors = stepped_tensors(engine, opt)
     master_elems = sum(t.numel() for t in tensors)
     inner = opt if stage == 0 else engine.optimizer.optimizer
-    state_ok = all(st["exp_avg"].numel() == t.numel() and st["exp_avg_sq"].numel() == t.numel()
-                   for t in tensors for st in [inner.state.get(t)] if st)
+    state_ok = all(
+        st["exp_avg"].numel() == t.numel() and st["exp_avg_sq"].numel() == t.numel()
+        for t in tensors
+        for st in [inner.state.get(t)]
+        if st
+    )
     frozen_params = [p for p in model.parameters() if not p.requires_grad]
     # ZeRO-3 partitions the frozen tower too (each rank holds about 1/world of it); below it is replicated
     frozen_local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in frozen_params)
     frozen_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in frozen_params)
     if rank == 0:
         save_file({**values, **buffers}, str(out / f"values_{tag}.safetensors"))
-    return {"stage": stage, "experts": experts, "share": share, "inactive": inactive, "scope": scope,
-            "world": world, "rank": rank, "checks": checks, "violations": violations,
-            "adam_state_bytes": 2 * 4 * master_elems, "state_matches_masters": state_ok,
-            "frozen_local": frozen_local, "frozen_total": frozen_total, "groups": len(opt.param_groups),
-            "cut_slices": cut_slices(engine, {m.route_id: m for m in sparse_layers(model).values()}),
-            "resumed_gap": resumed_gap,
-            "trainable": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and stage != 3)}
+    return {
+        "stage": stage,
+        "experts": experts,
+        "share": share,
+        "inactive": inactive,
+        "scope": scope,
+        "world": world,
+        "rank": rank,
+        "checks": checks,
+        "violations": violations,
+        "adam_state_bytes": 2 * 4 * master_elems,
+        "state_matches_masters": state_ok,
+        "frozen_local": frozen_local,
+        "frozen_total": frozen_total,
+        "groups": len(opt.param_groups),
+        "cut_slices": cut_slices(engine, {m.route_id: m for m in sparse_layers(model).values()}),
+        "resumed_gap": resumed_gap,
+        "trainable": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and stage != 3),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--runs", required=True,
-                    help="comma-separated stage/N/share/inactive/scope, '/resume' appended to also resume mid-run")
+    ap.add_argument(
+        "--runs",
+        required=True,
+        help="comma-separated stage/N/share/inactive/scope, '/resume' appended to also resume mid-run",
+    )
     ap.add_argument("--name", default="runs")
     args = ap.parse_args()
     init_distributed()

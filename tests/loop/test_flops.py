@@ -18,10 +18,19 @@ from mosa_scale.sparse import Router
 
 D, L, F, S, P, K, R = 64, 3, 128, 32, 8, 10, 8  # width, blocks, mlp, image, patch, classes, bottleneck
 T = (S // P) ** 2 + 1
-HF = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=F, image_size=S,
-          patch_size=P, attn_implementation="eager")  # eager: FlopCounterMode sees the attention matmuls
-OPENCLIP = {"embed_dim": 32, "vision_cfg": {"image_size": S, "layers": L, "width": D, "patch_size": P,
-                                            "head_width": 16}}
+HF = dict(
+    hidden_size=D,
+    num_hidden_layers=L,
+    num_attention_heads=4,
+    intermediate_size=F,
+    image_size=S,
+    patch_size=P,
+    attn_implementation="eager",
+)  # eager: FlopCounterMode sees the attention matmuls
+OPENCLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": S, "layers": L, "width": D, "patch_size": P, "head_width": 16},
+}
 
 
 def _cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs):
@@ -39,8 +48,13 @@ def build(family="hf-vit", method="parallel", experts=4, blocks=None):
         bb = build_backbone(BackboneConfig(family="openclip", name="tiny", openclip_cfg=OPENCLIP))
     router = Router(0)
     if method is not None:
-        inject_adapters(bb.model, bb.sites, AdapterConfig(method=method, bottleneck=R, num_experts=experts,
-                                                          dropout=0.0, blocks=blocks), router=router, width=D)
+        inject_adapters(
+            bb.model,
+            bb.sites,
+            AdapterConfig(method=method, bottleneck=R, num_experts=experts, dropout=0.0, blocks=blocks),
+            router=router,
+            width=D,
+        )
     model = AdaptedClassifier(bb.model, build_head("linear", bb.width, K))
     return model, bb, router
 
@@ -118,8 +132,13 @@ def test_train_step_matches_flop_counter(method, experts, tol):
 def test_published_openclip_sizes_on_meta(name, gmacs):
     bb = build_backbone(BackboneConfig(family="openclip", name=name), meta=True)
     router = Router(0)
-    inject_adapters(bb.model, bb.sites, AdapterConfig(method="parallel", bottleneck=64, num_experts=4),
-                    router=router, width=bb.model.visual.transformer.width)
+    inject_adapters(
+        bb.model,
+        bb.sites,
+        AdapterConfig(method="parallel", bottleneck=64, num_experts=4),
+        router=router,
+        width=bb.model.visual.transformer.width,
+    )
     model = AdaptedClassifier(bb.model, build_head("linear", bb.width, 100))
     f = step_flops(model, bb, image_size=224, global_batch=128, consistency=True)
     assert f["forward_frozen"] == pytest.approx(2 * gmacs * 1e9, rel=0.01)  # published GMACs at 224 px

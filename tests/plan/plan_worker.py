@@ -108,8 +108,9 @@ def run(name: str, rank: int, world: int) -> dict:
                         loss = loss + F.cross_entropy(engine(x), y)
             engine.backward(loss)
             if last:
-                grads = sum(p.grad.numel() * p.grad.element_size() for p in engine.module.parameters()
-                            if p.grad is not None)
+                grads = sum(
+                    p.grad.numel() * p.grad.element_size() for p in engine.module.parameters() if p.grad is not None
+                )
                 inner = engine.optimizer
                 if stage in (1, 2):
                     grads += tensor_bytes(inner.averaged_gradients)
@@ -119,13 +120,22 @@ def run(name: str, rank: int, world: int) -> dict:
             engine.step()
         _, peak = rss()
         if last:
-            out.update(calls=dict(comm.calls), bytes=dict(comm.bytes), saved_bytes=saved.total,
-                       step_peak_rss_bytes=peak - base, step_peak_bytes=tracked.peak, gradient_bytes=grads)
+            out.update(
+                calls=dict(comm.calls),
+                bytes=dict(comm.bytes),
+                saved_bytes=saved.total,
+                step_peak_rss_bytes=peak - base,
+                step_peak_bytes=tracked.peak,
+                gradient_bytes=grads,
+            )
     params = list(engine.module.parameters())
 
     def held(p):
-        return p.ds_tensor.numel() * p.ds_tensor.element_size() if hasattr(p, "ds_tensor") else \
-            p.numel() * p.element_size()
+        return (
+            p.ds_tensor.numel() * p.ds_tensor.element_size()
+            if hasattr(p, "ds_tensor")
+            else p.numel() * p.element_size()
+        )
 
     if stage == 0:
         master, state = 0, tensor_bytes(list(opt.state.values()))
@@ -136,9 +146,12 @@ def run(name: str, rank: int, world: int) -> dict:
         flat = inner.fp32_partitioned_groups_flat if stage == 3 else inner.single_partition_of_fp32_groups
         master = tensor_bytes(flat)
         state = tensor_bytes(list(inner.optimizer.state.values()))
-    out.update(tower_bytes=sum(held(p) for p in params if not p.requires_grad),
-               adapter_param_bytes=sum(held(p) for p in params if p.requires_grad),
-               fp32_master_bytes=master, optimizer_state_bytes=state)
+    out.update(
+        tower_bytes=sum(held(p) for p in params if not p.requires_grad),
+        adapter_param_bytes=sum(held(p) for p in params if p.requires_grad),
+        fp32_master_bytes=master,
+        optimizer_state_bytes=state,
+    )
     return out
 
 

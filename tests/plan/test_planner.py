@@ -31,8 +31,14 @@ def measured(tmp_path_factory):
 def predicted():
     out = {}
     for name, case in CASES.items():
-        p = plan_run(case_config(name), world_size=2, hardware=CPU, num_classes=10, stages=(case["stage"],),
-                     zero=ds_config(name, 2)["zero_optimization"])
+        p = plan_run(
+            case_config(name),
+            world_size=2,
+            hardware=CPU,
+            num_classes=10,
+            stages=(case["stage"],),
+            zero=ds_config(name, 2)["zero_optimization"],
+        )
         out[name] = p["stages"][str(case["stage"])]
     return out
 
@@ -81,8 +87,13 @@ def test_memory_within_15_percent(measured, predicted, name):
     for rank in (0, 1):
         m = measured[name, rank]
         assert m["tower_bytes"] == mem["tower"]  # the partition (stage 3) or the replica, exactly
-        states = m["tower_bytes"] + m["adapter_param_bytes"] + m["gradient_bytes"] + m["fp32_master_bytes"] + \
-            m["optimizer_state_bytes"]
+        states = (
+            m["tower_bytes"]
+            + m["adapter_param_bytes"]
+            + m["gradient_bytes"]
+            + m["fp32_master_bytes"]
+            + m["optimizer_state_bytes"]
+        )
         want = mem["tower"] + mem["adapter_params"] + mem["gradients"] + mem["fp32_master"] + mem["optimizer_state"]
         assert abs(states / want - 1) < 0.15, (states, want)
         step = mem["activations"] + mem["zero_buffers"] + mem["zero3_gathered"]  # the step's peak above the states
@@ -95,8 +106,11 @@ def test_big_towers_plan_and_verdict():
 
     from mosa_scale.backbones import BackboneConfig
 
-    cfg = dataclasses.replace(cfg, model=BackboneConfig(family="openclip", name="ViT-bigG-14", precision="bf16"),
-                              train=dataclasses.replace(cfg.train, precision="bf16", micro_batch=32, global_batch=256))
+    cfg = dataclasses.replace(
+        cfg,
+        model=BackboneConfig(family="openclip", name="ViT-bigG-14", precision="bf16"),
+        train=dataclasses.replace(cfg.train, precision="bf16", micro_batch=32, global_batch=256),
+    )
     p = plan_run(cfg, world_size=8, hardware=Hardware(), num_classes=100)
     assert p["tower_params"] == 1_844_910_592 or abs(p["tower_params"] / 1.84491e9 - 1) < 1e-3
     s2, s3 = p["stages"]["2"], p["stages"]["3"]
@@ -111,9 +125,18 @@ def test_big_towers_plan_and_verdict():
 
 
 def test_plan_tool_prints_json():
-    cmd = [sys.executable, str(REPO / "tools" / "plan.py"), "--world", "2", "--json", "model.family=hf-vit",
-           "model.hf_config={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 128, "
-           "image_size: 32, patch_size: 8}", "train.micro_batch=4", "train.global_batch=8"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "plan.py"),
+        "--world",
+        "2",
+        "--json",
+        "model.family=hf-vit",
+        "model.hf_config={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 128, "
+        "image_size: 32, patch_size: 8}",
+        "train.micro_batch=4",
+        "train.global_batch=8",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     p = json.loads(proc.stdout)

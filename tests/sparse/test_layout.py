@@ -12,8 +12,9 @@ from mosa_scale.sparse.layout import expert_ranges, legacy_layers, read_layer, t
 
 def make_layer(n: int = 3, split_bias: bool = False, out_f: int = 6, in_f: int = 5) -> SparseExpertLinear:
     w0 = torch.arange(out_f * in_f, dtype=torch.float32).reshape(out_f, in_f) + 1
-    layer = SparseExpertLinear(w0, bias=True, num_experts=n, name="mosa_x.up", seed=7, mode="all",
-                               split_bias=split_bias, router=Router(seed=7))
+    layer = SparseExpertLinear(
+        w0, bias=True, num_experts=n, name="mosa_x.up", seed=7, mode="all", split_bias=split_bias, router=Router(seed=7)
+    )
     with torch.no_grad():  # distinct trained values everywhere
         layer.slices.add_(torch.linspace(-1, 1, layer.slices.numel()))
         layer.biases.copy_(torch.linspace(2, 3, layer.biases.numel()))
@@ -31,7 +32,7 @@ def test_expert_ranges_hold_each_experts_entries_in_index_order(split_bias):
         idx = torch.nonzero(layer.assign == k).reshape(-1)
         assert n == idx.numel()
         # expert k's values are W0 at its entries (plus the distinct offsets added above), in index order
-        assert torch.equal(layer.expert_values(k).detach() - torch.linspace(-1, 1, 30)[off:off + n], w0[idx])
+        assert torch.equal(layer.expert_values(k).detach() - torch.linspace(-1, 1, 30)[off : off + n], w0[idx])
     assert [n for _, n in layer.bias_ranges] == ([2, 2, 2] if split_bias else [6, 6, 6])
 
 
@@ -41,9 +42,9 @@ def test_legacy_layout_reads_as_the_same_numbers(split_bias):
     state = {f"mosa_x.{k}": v.detach() for k, v in layer.state_dict().items()}
     legacy = {k: v for k, v in state.items() if not k.endswith((".slices", ".biases", ".steps"))}
     for k, (off, n) in enumerate(layer.ranges):  # the old layout: one tensor per expert
-        legacy[f"mosa_x.slice{k}"] = layer.slices.detach()[off:off + n].clone()
+        legacy[f"mosa_x.slice{k}"] = layer.slices.detach()[off : off + n].clone()
     for k, (off, n) in enumerate(layer.bias_ranges):
-        legacy[f"mosa_x.bias{k}"] = layer.biases.detach()[off:off + n].clone()
+        legacy[f"mosa_x.bias{k}"] = layer.biases.detach()[off : off + n].clone()
     assert legacy_layers(legacy) == ["mosa_x"] and legacy_layers(state) == []
     converted = to_current_layout(legacy)
     assert torch.equal(converted["mosa_x.slices"], state["mosa_x.slices"])

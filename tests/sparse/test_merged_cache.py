@@ -11,8 +11,16 @@ from mosa_scale.sparse import Router, SparseExpertLinear
 
 def layer(split_bias: bool = False, seed: int = 0) -> SparseExpertLinear:
     w = torch.randn(6, 5, generator=torch.Generator().manual_seed(seed))
-    m = SparseExpertLinear(w, bias=True, num_experts=3, name="blk.down", seed=seed, mode="all",
-                           split_bias=split_bias, router=Router(seed=0))
+    m = SparseExpertLinear(
+        w,
+        bias=True,
+        num_experts=3,
+        name="blk.down",
+        seed=seed,
+        mode="all",
+        split_bias=split_bias,
+        router=Router(seed=0),
+    )
     with torch.no_grad():
         m.slices.normal_(generator=torch.Generator().manual_seed(seed + 1))
         m.biases.normal_(generator=torch.Generator().manual_seed(seed + 2))

@@ -40,8 +40,10 @@ def test_depends_only_on_seed_and_name():
 
 
 def test_identical_across_processes():
-    code = ("import torch; from mosa_scale.sparse.partition import partition; "
-            "print(partition((16, 16), 4, seed=7, name='x.weight', mode='row').reshape(-1).tolist())")
+    code = (
+        "import torch; from mosa_scale.sparse.partition import partition; "
+        "print(partition((16, 16), 4, seed=7, name='x.weight', mode='row').reshape(-1).tolist())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     here = partition((16, 16), 4, seed=7, name="x.weight", mode="row").reshape(-1).tolist()
     assert eval(out.strip().splitlines()[-1]) == here

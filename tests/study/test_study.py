@@ -49,7 +49,7 @@ def test_default_grid_pruned_as_documented():
     c = [r for r in runs if r.phase == "C"]
     # adapter, LoRA, probe, MoSA skip (best, + other N), MoSA coast, MoSA-LoRA skip and coast: 8 x 3 x 3 x 2
     assert len(c) == 8 * 3 * 3 * 2 and {r.eval for r in c} == {"test"}
-    assert [r.steps for r in c[:8 * 2 * 3]] == [300] * 48  # shortest schedule first
+    assert [r.steps for r in c[: 8 * 2 * 3]] == [300] * 48  # shortest schedule first
     assert len(runs) == 42 + 40 + 144 and len({r.id for r in runs}) == len(runs)
     assert StudyGrid.from_dict(json.loads(json.dumps(g.to_dict()))) == g
 
@@ -62,44 +62,79 @@ def test_bad_grid_reports_every_problem():
 
 
 def _val_rows(g: StudyGrid, scores: dict[tuple[str, Variant, float, str], float]) -> dict:
-    return {(r := RunSpec(t, m, v, lr, g.select_steps, g.select_seed, "val")).id:
-            {"id": r.id, "top1": acc, "seconds": 1.0, "time": 50.0}
-            for (m, v, lr, t), acc in scores.items()}
+    return {
+        (r := RunSpec(t, m, v, lr, g.select_steps, g.select_seed, "val")).id: {
+            "id": r.id,
+            "top1": acc,
+            "seconds": 1.0,
+            "time": 50.0,
+        }
+        for (m, v, lr, t), acc in scores.items()
+    }
 
 
 def test_choices_are_joint_over_tasks_and_ties_go_to_grid_order():
-    g = StudyGrid(methods=("adapter", "mosa-skip", "mosa-coast"), lrs=(1e-3, 5e-3), extend_lrs=0, experts=(2, 4),
-                  shares=("down",), consistency=(False, True))
+    g = StudyGrid(
+        methods=("adapter", "mosa-skip", "mosa-coast"),
+        lrs=(1e-3, 5e-3),
+        extend_lrs=0,
+        experts=(2, 4),
+        shares=("down",),
+        consistency=(False, True),
+    )
     f, d, base = "fmnist_5-9", "digits", Variant(4, "down", False)
-    rows = _val_rows(g, {
-        # adapter: 1e-3 wins digits by a little, 5e-3 wins fmnist by more: the mean picks 5e-3
-        ("adapter", DENSE, 1e-3, f): 0.80, ("adapter", DENSE, 1e-3, d): 0.90,
-        ("adapter", DENSE, 5e-3, f): 0.86, ("adapter", DENSE, 5e-3, d): 0.88,
-        # mosa-skip: a tie: the smaller rate
-        ("mosa-skip", base, 1e-3, f): 0.8, ("mosa-skip", base, 1e-3, d): 0.8,
-        ("mosa-skip", base, 5e-3, f): 0.7, ("mosa-skip", base, 5e-3, d): 0.9,
-        ("mosa-coast", base, 1e-3, f): 0.5, ("mosa-coast", base, 1e-3, d): 0.5,
-        ("mosa-coast", base, 5e-3, f): 0.6, ("mosa-coast", base, 5e-3, d): 0.6,
-    })
+    rows = _val_rows(
+        g,
+        {
+            # adapter: 1e-3 wins digits by a little, 5e-3 wins fmnist by more: the mean picks 5e-3
+            ("adapter", DENSE, 1e-3, f): 0.80,
+            ("adapter", DENSE, 1e-3, d): 0.90,
+            ("adapter", DENSE, 5e-3, f): 0.86,
+            ("adapter", DENSE, 5e-3, d): 0.88,
+            # mosa-skip: a tie: the smaller rate
+            ("mosa-skip", base, 1e-3, f): 0.8,
+            ("mosa-skip", base, 1e-3, d): 0.8,
+            ("mosa-skip", base, 5e-3, f): 0.7,
+            ("mosa-skip", base, 5e-3, d): 0.9,
+            ("mosa-coast", base, 1e-3, f): 0.5,
+            ("mosa-coast", base, 1e-3, d): 0.5,
+            ("mosa-coast", base, 5e-3, f): 0.6,
+            ("mosa-coast", base, 5e-3, d): 0.6,
+        },
+    )
     lrs = g.choose_lrs(rows)
     assert lrs == {"adapter": 5e-3, "mosa-skip": 1e-3, "mosa-coast": 5e-3}
     assert g.choose_variants(rows, lrs) == {}  # phase B not run yet
-    screen = {"mosa-skip": {Variant(2, "down", False): 0.81, Variant(2, "down", True): 0.83,
-                            Variant(4, "down", True): 0.82},  # base: 0.80 (phase A)
-              "mosa-coast": {Variant(2, "down", False): 0.55, Variant(2, "down", True): 0.55,
-                             Variant(4, "down", True): 0.61}}
+    screen = {
+        "mosa-skip": {
+            Variant(2, "down", False): 0.81,
+            Variant(2, "down", True): 0.83,
+            Variant(4, "down", True): 0.82,
+        },  # base: 0.80 (phase A)
+        "mosa-coast": {Variant(2, "down", False): 0.55, Variant(2, "down", True): 0.55, Variant(4, "down", True): 0.61},
+    }
     for m, vs in screen.items():
         rows.update(_val_rows(g, {(m, v, lrs[m], t): acc for v, acc in vs.items() for t in (f, d)}))
     chosen = g.choose_variants(rows, lrs)
-    assert chosen["mosa-skip"] == {None: Variant(2, "down", True), 2: Variant(2, "down", True),
-                                   4: Variant(4, "down", True)}
-    assert chosen["mosa-coast"] == {None: Variant(4, "down", True), 2: Variant(2, "down", False),  # tie: off first
-                                    4: Variant(4, "down", True)}
+    assert chosen["mosa-skip"] == {
+        None: Variant(2, "down", True),
+        2: Variant(2, "down", True),
+        4: Variant(4, "down", True),
+    }
+    assert chosen["mosa-coast"] == {
+        None: Variant(4, "down", True),
+        2: Variant(2, "down", False),  # tie: off first
+        4: Variant(4, "down", True),
+    }
     gain = g.gain_method(rows, lrs, chosen)
     assert gain == "mosa-skip"  # 0.83 against 0.61
     configs = [(c.method, c.variant.tag, c.lr, c.role) for c in g.final_configs(lrs, chosen, gain)]
-    assert configs == [("adapter", "dense", 5e-3, "best"), ("mosa-skip", "n2-down-c1", 1e-3, "best"),
-                       ("mosa-skip", "n4-down-c1", 1e-3, "best at N 4"), ("mosa-coast", "n4-down-c1", 5e-3, "best")]
+    assert configs == [
+        ("adapter", "dense", 5e-3, "best"),
+        ("mosa-skip", "n2-down-c1", 1e-3, "best"),
+        ("mosa-skip", "n4-down-c1", 1e-3, "best at N 4"),
+        ("mosa-coast", "n4-down-c1", 5e-3, "best"),
+    ]
     runs, final = g.plan(rows)
     assert final and len([r for r in runs if r.phase == "C"]) == 4 * 3 * 3 * 2
 
@@ -107,10 +142,17 @@ def test_choices_are_joint_over_tasks_and_ties_go_to_grid_order():
 def test_a_rate_at_the_grid_edge_is_bracketed_by_one_more_run():
     g = StudyGrid(tasks=("digits",), methods=("adapter", "lora"), lrs=(1e-3, 5e-3, 2e-2), extend_lrs=2)
     d = "digits"
-    rows = _val_rows(g, {("adapter", DENSE, 1e-3, d): 0.80, ("adapter", DENSE, 5e-3, d): 0.85,
-                         ("adapter", DENSE, 2e-2, d): 0.90,  # best at the top: try 8e-2
-                         ("lora", DENSE, 1e-3, d): 0.90, ("lora", DENSE, 5e-3, d): 0.85,
-                         ("lora", DENSE, 2e-2, d): 0.80})  # best at the bottom: try 2e-4
+    rows = _val_rows(
+        g,
+        {
+            ("adapter", DENSE, 1e-3, d): 0.80,
+            ("adapter", DENSE, 5e-3, d): 0.85,
+            ("adapter", DENSE, 2e-2, d): 0.90,  # best at the top: try 8e-2
+            ("lora", DENSE, 1e-3, d): 0.90,
+            ("lora", DENSE, 5e-3, d): 0.85,
+            ("lora", DENSE, 2e-2, d): 0.80,
+        },
+    )  # best at the bottom: try 2e-4
     assert g.method_lrs(rows, "adapter") == [1e-3, 5e-3, 2e-2, 0.08]
     assert g.method_lrs(rows, "lora") == [2e-4, 1e-3, 5e-3, 2e-2]
     missing = [r.id for r in g.phase_a(rows) if r.id not in rows]
@@ -128,8 +170,16 @@ def test_a_rate_at_the_grid_edge_is_bracketed_by_one_more_run():
 
 
 def test_report_pairs_gains_by_seed(tmp_path):
-    g = StudyGrid(tasks=("digits",), methods=("adapter", "mosa-skip"), lrs=(5e-3,), final_steps=(10, 20),
-                  final_seeds=(0, 1), experts=(4,), shares=("down",), consistency=(False,))
+    g = StudyGrid(
+        tasks=("digits",),
+        methods=("adapter", "mosa-skip"),
+        lrs=(5e-3,),
+        final_steps=(10, 20),
+        final_seeds=(0, 1),
+        experts=(4,),
+        shares=("down",),
+        consistency=(False,),
+    )
     base = Variant(4, "down", False)
     rows = _val_rows(g, {("adapter", DENSE, 5e-3, "digits"): 0.5, ("mosa-skip", base, 5e-3, "digits"): 0.6})
     test = {("adapter", 10): [0.70, 0.80], ("mosa-skip", 10): [0.72, 0.86], ("adapter", 20): [0.9, 0.9]}
@@ -145,8 +195,13 @@ def test_report_pairs_gains_by_seed(tmp_path):
     final = {(x["method"], x["steps"]): x for x in s["final"]}
     assert final[("mosa-skip", 10)]["mean"] == pytest.approx(0.79) and final[("adapter", 20)]["std"] == 0.0
     assert s["runs_done"] == 2 + 6 and s["runs_planned"] == 2 + 8 and s["plan_final"]
-    files = write_report(tmp_path, g, {"bottleneck": 16, "weight_decay": 0.01, "batch": 64, "labelled": 1000,
-                                       "val_fraction": 0.2}, {}, rows)
+    files = write_report(
+        tmp_path,
+        g,
+        {"bottleneck": 16, "weight_decay": 0.01, "batch": 64, "labelled": 1000, "val_fraction": 0.2},
+        {},
+        rows,
+    )
     md = (tmp_path / "report.md").read_text()
     assert "| mosa-skip | n4-down-c0 | 0.005 | best | 79.00 ± 9.90 | — |" in md  # no runs yet: a dash
     assert "| adapter | dense | 0.005 | best | 75.00 ± 7.07 | 90.00 ± 0.00 |" in md
@@ -215,13 +270,36 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-MINI = ["--tasks", "digits", "--methods", "mosa-coast", "--lrs", "0.005", "--select-steps", "60", "--final-steps", "80",
-        "--final-seeds", "0", "--experts", "4", "--shares", "down", "--consistency", "off", "--pretrain-epochs", "1",
-        "--pretrain-samples", "512"]
+MINI = [
+    "--tasks",
+    "digits",
+    "--methods",
+    "mosa-coast",
+    "--lrs",
+    "0.005",
+    "--select-steps",
+    "60",
+    "--final-steps",
+    "80",
+    "--final-seeds",
+    "0",
+    "--experts",
+    "4",
+    "--shares",
+    "down",
+    "--consistency",
+    "off",
+    "--pretrain-epochs",
+    "1",
+    "--pretrain-samples",
+    "512",
+]
 
 
-@pytest.mark.skipif(not fashion_mnist_available(), reason="Debian package dataset-fashion-mnist is not installed "
-                                                          "(apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not fashion_mnist_available(),
+    reason="Debian package dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)",
+)
 def test_miniature_study_killed_after_its_first_row_resumes_without_redoing_it(tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, str(TOOL), "--out-dir", str(out), *MINI]
@@ -261,9 +339,20 @@ def test_miniature_study_killed_after_its_first_row_resumes_without_redoing_it(t
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chosen_lr"] == {"mosa-coast": 0.005} and summary["runs_done"] == summary["runs_planned"] == 2
-    assert summary["final"] == [{"method": "mosa-coast", "variant": "n4-down-c0", "lr": 0.005, "role": "best",
-                                 "task": "digits", "steps": 80, "seeds": [0], "mean": row_c["top1"], "std": 0.0,
-                                 "n": 1}]
+    assert summary["final"] == [
+        {
+            "method": "mosa-coast",
+            "variant": "n4-down-c0",
+            "lr": 0.005,
+            "role": "best",
+            "task": "digits",
+            "steps": 80,
+            "seeds": [0],
+            "mean": row_c["top1"],
+            "std": 0.0,
+            "n": 1,
+        }
+    ]
     report = (out / "report.md").read_text()
     assert "Status: complete, 2 of 2 runs done" in report
     assert f"| mosa-coast | n4-down-c0 | 0.005 | best | {100 * row_c['top1']:.2f} |" in report
@@ -273,8 +362,14 @@ def test_miniature_study_killed_after_its_first_row_resumes_without_redoing_it(t
 
     for name in ("report.md", "summary.json", "top1_vs_steps.png"):
         (out / name).unlink()
-    proc = subprocess.run([sys.executable, str(TOOL), "--out-dir", str(out), "--report-only"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--out-dir", str(out), "--report-only"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "report.md").read_text() == report and json.loads((out / "summary.json").read_text()) == summary
     assert (out / "top1_vs_steps.png").read_bytes()[:8] == PNG

@@ -68,8 +68,9 @@ def test_every_problem_is_reported_before_launching(tmp_path):
     assert text.count("train.stesp") == 8  # one per grid point, all at once
 
 
-@pytest.mark.parametrize("value", ["lora", "yes", "1.0", 3, 1e-5, 0.02, True, None, [1, 2], {0: 2, 3: 1},
-                                   {"hidden_size": 32}])
+@pytest.mark.parametrize(
+    "value", ["lora", "yes", "1.0", 3, 1e-5, 0.02, True, None, [1, 2], {0: 2, 3: 1}, {"hidden_size": 32}]
+)
 def test_override_values_round_trip(value):
     p = Problems()
     parsed = parse_overrides([f"k={format_value(value)}"], p)["k"]
@@ -82,8 +83,9 @@ def test_print_mode_lists_unfinished_runs(tmp_path):
     out = io.StringIO()
     assert runner.print_commands(out) == 8
     lines = out.getvalue().splitlines()
-    assert all(line.startswith("sbatch launchers/slurm/train.sbatch launchers/configs/digits_default.yaml ")
-               for line in lines)
+    assert all(
+        line.startswith("sbatch launchers/slurm/train.sbatch launchers/configs/digits_default.yaml ") for line in lines
+    )
     assert "adapter.method=lora" in lines[2] and f"train.run_dir={tmp_path}/runs/" in lines[2]
     finished = runner.runs[0].run_dir  # what the trainer leaves behind when a run completes
     (finished / "adapter").mkdir(parents=True)
@@ -119,8 +121,9 @@ def swept(tmp_path_factory):
     """The tiny grid, SIGTERM'd once two runs are done and the third has a checkpoint, then rerun."""
     out = tmp_path_factory.mktemp("sweep") / "tiny"
     cmd = [sys.executable, str(TOOL), str(SWEEP), "--out-dir", str(out)]
-    first = subprocess.Popen(cmd, cwd=REPO, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=sweep_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline, signalled = time.time() + 400, False
     while time.time() < deadline and first.poll() is None:
         state = _state(out)
@@ -140,8 +143,17 @@ def swept(tmp_path_factory):
     alive = _launch_alive(out / "runs" / interrupted[0]) if interrupted else None
     t0 = time.time()
     second = subprocess.run(cmd, cwd=REPO, env=sweep_env(), capture_output=True, text=True, timeout=600)
-    return dict(out=out, rc1=first.returncode, state1=state1, done1=done1, mtimes=mtimes, interrupted=interrupted,
-                alive=alive, second=second, second_s=time.time() - t0)
+    return dict(
+        out=out,
+        rc1=first.returncode,
+        state1=state1,
+        done1=done1,
+        mtimes=mtimes,
+        interrupted=interrupted,
+        alive=alive,
+        second=second,
+        second_s=time.time() - t0,
+    )
 
 
 def test_interrupt_stops_the_running_launch(swept):
@@ -204,8 +216,14 @@ def test_collect_only_rewrites_the_csv(swept):
     csv_path = swept["out"] / "results.csv"
     before = csv_path.read_text()
     csv_path.unlink()
-    proc = subprocess.run([sys.executable, str(TOOL), str(SWEEP), "--out-dir", str(swept["out"]), "--collect"],
-                          cwd=REPO, env=sweep_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(SWEEP), "--out-dir", str(swept["out"]), "--collect"],
+        cwd=REPO,
+        env=sweep_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert csv_path.read_text() == before
     assert os.path.getsize(swept["out"] / "launches.jsonl") > 0

@@ -31,11 +31,13 @@ class BottleneckMethod:
         up = projection(r, dim, init="zeros", split=split_up, name=f"{prefix}.up", **common)
         scale = self.default_scale if cfg.scale is None else cfg.scale
         dropout = self.default_dropout if cfg.dropout is None else cfg.dropout
-        return BottleneckAdapter(down, up, dim=dim, act=self.act, layer_norm=self.layer_norm, scale=scale,
-                                 dropout=dropout)
+        return BottleneckAdapter(
+            down, up, dim=dim, act=self.act, layer_norm=self.layer_norm, scale=scale, dropout=dropout
+        )
 
-    def inject_block(self, model: nn.Module, site, block: int, cfg: AdapterConfig,
-                     ctx: InjectContext) -> dict[str, nn.Module]:
+    def inject_block(
+        self, model: nn.Module, site, block: int, cfg: AdapterConfig, ctx: InjectContext
+    ) -> dict[str, nn.Module]:
         blk = model.get_submodule(site.block)
         added: dict[str, nn.Module] = {}
         if self.name == "houlsby":
@@ -56,11 +58,14 @@ class BottleneckMethod:
         return added
 
 
-PARALLEL = register_method(BottleneckMethod("parallel", act="gelu", layer_norm=True, default_scale=0.1,
-                                            default_dropout=0.1))
-SEQUENTIAL = register_method(BottleneckMethod("sequential", act="relu", layer_norm=True, default_scale=1.0,
-                                              default_dropout=0.0))
-HOULSBY = register_method(BottleneckMethod("houlsby", act="silu", layer_norm=False, default_scale=1.0,
-                                           default_dropout=0.0))
+PARALLEL = register_method(
+    BottleneckMethod("parallel", act="gelu", layer_norm=True, default_scale=0.1, default_dropout=0.1)
+)
+SEQUENTIAL = register_method(
+    BottleneckMethod("sequential", act="relu", layer_norm=True, default_scale=1.0, default_dropout=0.0)
+)
+HOULSBY = register_method(
+    BottleneckMethod("houlsby", act="silu", layer_norm=False, default_scale=1.0, default_dropout=0.0)
+)
 
 __all__ = ["BottleneckAdapter", "BottleneckMethod", "HOULSBY", "PARALLEL", "SEQUENTIAL"]

@@ -30,8 +30,9 @@ class BottleneckAdapter(CastIO):
         dropout: Dropout probability after the activation.
     """
 
-    def __init__(self, down: nn.Module, up: nn.Module, *, dim: int, act: str, layer_norm: bool, scale: float,
-                 dropout: float) -> None:
+    def __init__(
+        self, down: nn.Module, up: nn.Module, *, dim: int, act: str, layer_norm: bool, scale: float, dropout: float
+    ) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(dim) if layer_norm else nn.Identity()
         self.down, self.up = down, up

@@ -21,17 +21,21 @@ class LoRAMethod:
         common = dict(num_experts=n, cfg=cfg, ctx=ctx, bias=False)
         a = projection(in_f, cfg.bottleneck, init="kaiming", split=split_a, name=f"{prefix}.a", **common)
         b = projection(cfg.bottleneck, out_f, init="zeros", split=split_b, name=f"{prefix}.b", **common)
-        return LoRA(a, b, scale=1.0 if cfg.scale is None else cfg.scale,
-                    dropout=0.0 if cfg.dropout is None else cfg.dropout)
+        return LoRA(
+            a, b, scale=1.0 if cfg.scale is None else cfg.scale, dropout=0.0 if cfg.dropout is None else cfg.dropout
+        )
 
-    def inject_block(self, model: nn.Module, site, block: int, cfg: AdapterConfig,
-                     ctx: InjectContext) -> dict[str, nn.Module]:
+    def inject_block(
+        self, model: nn.Module, site, block: int, cfg: AdapterConfig, ctx: InjectContext
+    ) -> dict[str, nn.Module]:
         added: dict[str, nn.Module] = {}
         if site.qkv_fused is not None:
             mha = model.get_submodule(site.qkv_fused)
             if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
-                raise TypeError(f"{site.qkv_fused}: LoRA on a fused in-projection needs nn.MultiheadAttention "
-                                f"with one in_proj_weight, got {type(mha).__name__}")
+                raise TypeError(
+                    f"{site.qkv_fused}: LoRA on a fused in-projection needs nn.MultiheadAttention "
+                    f"with one in_proj_weight, got {type(mha).__name__}"
+                )
             mha.__class__ = LoRAMultiheadAttention
             for t in cfg.lora_targets:
                 lora = self.build(mha.embed_dim, mha.embed_dim, block, f"{site.qkv_fused}.mosa_lora_{t}", cfg, ctx)
@@ -41,8 +45,10 @@ class LoRAMethod:
         if site.qkv_linear is not None:
             linear = model.get_submodule(site.qkv_linear)
             if type(linear) is not nn.Linear or linear.out_features % 3:
-                raise TypeError(f"{site.qkv_linear}: LoRA on a fused qkv projection needs an nn.Linear with 3 x d "
-                                f"outputs, got {type(linear).__name__}")
+                raise TypeError(
+                    f"{site.qkv_linear}: LoRA on a fused qkv projection needs an nn.Linear with 3 x d "
+                    f"outputs, got {type(linear).__name__}"
+                )
             linear.__class__ = LoRAQKVLinear
             d = linear.out_features // 3
             for t in cfg.lora_targets:

@@ -70,7 +70,6 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             self._parameters["in_proj_weight"] = weight
 
 
-
 class LoRAQKVLinear(nn.Linear):
     """A frozen ``nn.Linear`` projecting to ``[q; k; v]`` (timm towers) with LoRA on its q and/or v
     rows (children ``mosa_lora_q`` / ``mosa_lora_v``; the instance's class is swapped in place).
