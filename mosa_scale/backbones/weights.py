@@ -14,9 +14,12 @@ embedding resize), and errors name the tensor and the file.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -66,7 +69,7 @@ class CheckpointReader:
         raise NotImplementedError
 
     def read(self, key: str) -> torch.Tensor:
-        """The whole tensor ``key`` (a fresh tensor or a read-only memory-mapped view)."""
+        """The whole tensor ``key``, in memory of its own (not a view of a file mapping)."""
         raise NotImplementedError
 
     def read_flat(self, key: str, start: int, count: int) -> torch.Tensor:
@@ -78,59 +81,182 @@ class CheckpointReader:
         """Releases open files."""
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor of a safetensors file lies: dtype, shape, absolute byte range."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _safetensors_header(path: str) -> dict[str, _Entry]:
+    """The tensors of one safetensors file, their byte ranges checked against the file's size.
+
+    Raises:
+        WeightsError: A header that is not JSON, an unknown dtype, or a range that does not match
+            the shape or lies outside the file (a truncated or corrupted file).
+    """
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise WeightsError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+    out: dict[str, _Entry] = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (8 + n + int(o) for o in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{path}: tensor {key!r} has an unreadable header entry {meta!r}") from e
+        want = math.prod(shape) * dtype.itemsize
+        if end - begin != want or begin < 8 + n or end > size:
+            raise WeightsError(
+                f"{path}: tensor {key!r} ({meta['dtype']} {list(shape)}, {want} bytes) has the byte range "
+                f"{begin}..{end} of a {size}-byte file: the file is truncated or corrupted"
+            )
+        out[key] = _Entry(dtype, shape, begin, end)
+    return out
+
+
 class SafetensorsReader(CheckpointReader):
-    """One ``.safetensors`` file or a sharded checkpoint (an index naming the file of each key)."""
+    """One ``.safetensors`` file or a sharded checkpoint (an index naming the file of each key).
+
+    Bytes are read with ``pread`` into fresh tensors rather than through a memory map, so what was
+    read is freed with the tensor: a memory map would keep every page touched resident in this
+    process (half the tower per rank under ZeRO-3) until the file is closed.
+    """
 
     def __init__(self, files: Mapping[str, str], label: str) -> None:
         super().__init__(files, label)
-        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, dict[str, _Entry]] = {}
+        self._fds: dict[str, int] = {}
 
-    def _handle(self, key: str) -> Any:
-        from safetensors import safe_open
-
+    def _entry(self, key: str) -> tuple[str, _Entry]:
         f = self._file_of[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(f, framework="pt", device="cpu")
-        return self._handles[f]
+        if f not in self._headers:
+            self._headers[f] = _safetensors_header(f)
+        header = self._headers[f]
+        if key not in header:
+            raise WeightsError(f"{f}: holds no tensor {key!r} (its index names this file for it)")
+        return f, header[key]
+
+    def _pread(self, f: str, offset: int, nbytes: int) -> torch.Tensor:
+        if f not in self._fds:
+            self._fds[f] = os.open(f, os.O_RDONLY)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < nbytes:
+            got = os.preadv(self._fds[f], [view[done:]], offset + done)
+            if got <= 0:
+                raise WeightsError(f"{f}: ended {nbytes - done} bytes early at offset {offset + done}")
+            done += got
+        return buf
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._entry(key)[1].shape
 
     def read(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        f, e = self._entry(key)
+        return self._pread(f, e.begin, e.end - e.begin).view(e.dtype).reshape(e.shape)
 
     def read_flat(self, key: str, start: int, count: int) -> torch.Tensor:
-        shape = self.shape(key)
+        f, e = self._entry(key)
         if count <= 0:
-            return torch.empty(0)
-        if len(shape) == 0:
-            return self.read(key).reshape(-1)[start : start + count]
-        row = math.prod(shape[1:])
-        r0, r1 = start // row, -(-(start + count) // row)
-        rows = self._handle(key).get_slice(key)[r0:r1]  # only these rows are read from the file
-        return rows.reshape(-1)[start - r0 * row : start - r0 * row + count]
+            return torch.empty(0, dtype=e.dtype)
+        if start < 0 or start + count > math.prod(e.shape):
+            raise IndexError(f"{key}: elements {start}..{start + count} of {math.prod(e.shape)}")
+        size = e.dtype.itemsize  # the elements are contiguous in the file: read exactly them
+        return self._pread(f, e.begin + start * size, count * size).view(e.dtype)
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._headers.clear()
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """Lets the kernel take back the pages of a read-only file mapping that ``t`` was read from (they
+    stay in the page cache and fault in again if touched); a no-op where ``madvise`` is missing."""
+    if t.numel() == 0:
+        return
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    begin = t.data_ptr() // page * page
+    end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is not None:
+        madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 class TorchReader(CheckpointReader):
-    """A PyTorch checkpoint opened with ``mmap=True``: tensors are read when touched."""
+    """A PyTorch checkpoint opened with ``mmap=True``: tensors are read when touched.
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], files: Mapping[str, str], label: str) -> None:
+    What is read is copied out and its pages of the mapping handed back to the kernel, so the
+    bytes read do not stay resident in this process beside the tower (``mapped=False``: a legacy
+    checkpoint held in memory, returned as is).
+    """
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], files: Mapping[str, str], label: str, *, mapped: bool = True
+    ) -> None:
         super().__init__(files, label)
         self._tensors = dict(tensors)
+        self._mapped = mapped
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensors[key].shape)
 
+    def _copy_out(self, t: torch.Tensor) -> torch.Tensor:
+        if not self._mapped:
+            return t
+        out = t.clone()
+        if t.is_contiguous():
+            _drop_pages(t)
+        return out
+
     def read(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+        return self._copy_out(self._tensors[key])
 
     def read_flat(self, key: str, start: int, count: int) -> torch.Tensor:
         t = self._tensors[key]
-        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-        return flat[start : start + count]
+        if not t.is_contiguous():
+            return t.contiguous().reshape(-1)[start : start + count]
+        return self._copy_out(t.reshape(-1)[start : start + count])
 
     def close(self) -> None:
         self._tensors.clear()
@@ -188,15 +314,10 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
                 raise FileNotFoundError(f"{p} names shard {Path(f).name}, which does not exist in {p.parent}")
         return SafetensorsReader(_strip_module(files), str(p))
     if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise WeightsError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        keys = list(_safetensors_header(str(p)))
         return SafetensorsReader(_strip_module({k: str(p) for k in keys}), str(p))
     if p.suffix in TORCH_SUFFIXES:
+        mapped = True
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -209,8 +330,9 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
                 p,
             )
             obj = torch.load(p, map_location="cpu", weights_only=True)
+            mapped = False
         sd = _unwrap(obj, p)
-        return TorchReader(sd, {k: str(p) for k in sd}, str(p))
+        return TorchReader(sd, {k: str(p) for k in sd}, str(p), mapped=mapped)
     raise ValueError(f"{p}: unknown checkpoint type; use .safetensors, *{INDEX_SUFFIX}, or one of {TORCH_SUFFIXES}")
 
 

@@ -86,6 +86,58 @@ def test_reader_errors_name_the_file(tmp_path: Path) -> None:
         open_checkpoint(tmp_path / "x.npz")
 
 
+def test_truncated_or_inconsistent_safetensors_is_refused(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(64), "b": torch.arange(32.0)}, str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-16])  # the last tensor's tail is missing
+    with pytest.raises(WeightsError, match=r"cut\.safetensors: tensor 'b' .* truncated or corrupted"):
+        open_checkpoint(tmp_path / "cut.safetensors")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["a"]["shape"] = [65]  # the shape no longer matches the byte range
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    (tmp_path / "shape.safetensors").write_bytes(data[:8] + raw + data[8 + n :])
+    with pytest.raises(WeightsError, match=r"tensor 'a' \(F32 \[65\], 260 bytes\)"):
+        open_checkpoint(tmp_path / "shape.safetensors")
+
+
+# Reads every element of a 64 MiB tensor through a reader and prints how much of the file stayed
+# mapped in the process (RssFile growth): a memory map would keep every page read resident.
+_RESIDENT_CHILD = r"""
+import sys
+from mosa_scale.backbones.weights import open_checkpoint
+def rss_file():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+r = open_checkpoint(sys.argv[1])
+before = rss_file()
+for start in range(0, 16 << 20, 1 << 20):  # this rank's part, a piece at a time, copied as loading does
+    part = r.read_flat("w", start, 1 << 20).clone()
+    del part
+whole = r.read("w").clone()
+del whole
+print(rss_file() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pt"])
+def test_reading_leaves_no_file_pages_resident(tmp_path: Path, name: str) -> None:
+    import subprocess
+    import sys
+
+    w = torch.arange(16 << 20, dtype=torch.float32)  # 64 MiB
+    if name.endswith(".safetensors"):
+        save_file({"w": w}, str(tmp_path / name))
+    else:
+        torch.save({"w": w}, tmp_path / name)
+    out = subprocess.run(
+        [sys.executable, "-c", _RESIDENT_CHILD, str(tmp_path / name)], capture_output=True, text=True, check=True
+    )
+    assert int(out.stdout.strip()) < 4 << 20  # of 64 MiB read twice
+
+
 @pytest.mark.parametrize("kind", ["openclip", "siglip", "eva02", "eva02-e"])
 @pytest.mark.parametrize("layout", ["full.pt", "sharded"])
 def test_openclip_layouts_equal_the_library_model(kind: str, layout: str, tmp_path: Path, pixels: torch.Tensor) -> None:

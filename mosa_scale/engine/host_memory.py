@@ -1,0 +1,48 @@
+"""Host memory that is freed goes back to the system (glibc's allocator otherwise keeps it).
+
+Under ZeRO-3 every frozen tower parameter is gathered into a fresh buffer before its module runs
+and freed after; construction and loading do the same one module at a time. glibc serves a
+request from an ``mmap`` of its own only above a threshold that it raises to the size of each
+such block freed (up to 32 MiB), so after the first few gathers every buffer below that comes
+from the heap, and the heap keeps what is freed in its middle. Measured on 2 CPU ranks, one
+step of EVA02-L-14 under ZeRO-3: 1.1 GB resident above the rank's share afterwards, none of it
+live. A fixed threshold turns the adjustment off: large buffers are mapped and unmapped, and the
+resident size follows what is live.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+DEFAULT_THRESHOLD = 1 << 20  # 1 MiB: a tower parameter is larger, small tensors stay on the heap
+ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own setting: when it is set, the user chose; leave it
+
+
+def return_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Makes every allocation of at least ``threshold`` bytes a mapping of its own, returned to the
+    system when freed (glibc only; elsewhere, or when ``MALLOC_MMAP_THRESHOLD_`` is set, nothing
+    changes).
+
+    Returns:
+        Whether the setting was applied.
+    """
+    if os.environ.get(ENV):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    ok = bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    if ok:
+        log.debug("allocations of %d bytes and more are mapped and returned when freed", threshold)
+    return ok
