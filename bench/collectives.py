@@ -22,13 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mosa_scale.engine.launch import (
+    LaunchFailed,
+    bench_zero_config,
+    launch_ranks,
+    read_rank_rows,
+    repo_env,
+    write_rank_rows,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, CLASSES, MICRO, R = 64, 10, 32, 64
@@ -73,16 +80,7 @@ def build(stage: int, blocks: int, experts: int, rank: int, world: int):
         bb.model, build_head("linear", bb.width, CLASSES, generator=torch.Generator().manual_seed(0))
     )
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-3, eps=1e-6)
-    ds = {
-        "train_batch_size": MICRO * world,
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": stage},
-    }
-    engine = initialize(model, opt, None, ds)
+    engine = initialize(model, opt, None, bench_zero_config(stage, micro=MICRO, world=world))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if stage != 3 else None
     return {
         "engine": engine,
@@ -168,7 +166,7 @@ def worker(args: argparse.Namespace) -> None:
                     }
                 )
             del vs
-    (Path(args.out_dir) / f"rank{rank}.json").write_text(json.dumps(rows))
+    write_rank_rows(args.out_dir, rank, rows)
 
 
 def summarise(rows: list[dict], args: argparse.Namespace) -> dict:
@@ -230,22 +228,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    with socket.socket() as sock:  # a free port for this launch
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = repo_env(REPO, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            str(Path(sys.executable).with_name("deepspeed")),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(port),
-            str(Path(__file__).resolve()),
+        worker_args = [
             "--worker",
             "--out-dir",
             tmp,
@@ -261,10 +246,11 @@ def main() -> None:
             str(args.rounds),
         ]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"the 2-rank bench failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        rows = [r for f in sorted(Path(tmp).glob("rank*.json")) for r in json.loads(f.read_text())]
+        try:
+            launch_ranks(Path(__file__).resolve(), worker_args, repo=REPO, env=env, what="the 2-rank bench")
+        except LaunchFailed as e:
+            sys.exit(str(e))
+        rows = read_rank_rows(tmp)
     out = summarise(rows, args)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(out, indent=1)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,17 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from mosa_scale.engine.launch import free_port, repo_env
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_OPENCLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -165,14 +159,7 @@ def main() -> None:
     if args.variant:  # child process: one variant
         Path(args.json_out).write_text(json.dumps(run_variant(args)))
         return
-    env = dict(
-        os.environ,
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    )
+    env = repo_env(REPO, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     results, t0 = {}, time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("dense", "mosa"):

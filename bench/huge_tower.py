@@ -20,9 +20,7 @@ import argparse
 import ctypes
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mosa_scale.engine.launch import LaunchFailed, launch_ranks, repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -225,17 +225,7 @@ def predictions(args: argparse.Namespace, gflops: float, allgather_gbs: float) -
 
 
 def launch(args: argparse.Namespace, part: str, out: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [
-        str(deepspeed) if deepspeed.is_file() else "deepspeed",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        port,
-        __file__,
+    worker_args = [
         "--worker",
         part,
         "--out",
@@ -249,15 +239,11 @@ def launch(args: argparse.Namespace, part: str, out: str) -> None:
         "--micro",
         str(args.micro),
     ]
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{part}: deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    env = repo_env(REPO, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    try:
+        launch_ranks(__file__, worker_args, repo=REPO, env=env, what=f"{part}: deepspeed launch")
+    except LaunchFailed as e:
+        sys.exit(str(e))
 
 
 def main() -> None:
@@ -322,7 +308,7 @@ def main() -> None:
                 cwd=REPO,
                 capture_output=True,
                 text=True,
-                env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])),
+                env=repo_env(REPO),
             )
             if proc.returncode != 0:
                 sys.exit(f"checkpoint writer failed:\n{proc.stderr[-3000:]}")

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from mosa_scale.engine.launch import LaunchFailed, bench_zero_config, launch_ranks, read_rank_rows, write_rank_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TOWER = dict(
@@ -77,15 +76,7 @@ def measure(stage: int, experts: int, micro: int, rank: int, world: int) -> dict
     model = AdaptedClassifier(bb.model, head)
     trainable_elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-3, eps=1e-6)
-    ds = {
-        "train_batch_size": micro * world,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-    }
+    ds = bench_zero_config(stage, micro=micro, world=world, stage3_param_persistence_threshold=0)
     engine = initialize(model, opt, None, ds)
     g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(micro, 3, 32, 32, generator=g), torch.randint(CLASSES, (micro,), generator=g)
@@ -147,7 +138,7 @@ def worker(args: argparse.Namespace) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     rows = [measure(s, n, args.micro, rank, world) for s in (0, 1, 2, 3) for n in (1, args.experts)]
-    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(rows))
+    write_rank_rows(args.out, rank, rows)
 
 
 def main() -> None:
@@ -161,31 +152,13 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-        s.close()
-        deepspeed = Path(sys.executable).with_name("deepspeed")
-        cmd = [
-            str(deepspeed) if deepspeed.is_file() else "deepspeed",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            port,
-            __file__,
-            "--worker",
-            "--out",
-            tmp,
-            "--experts",
-            str(args.experts),
-            "--micro",
-            str(args.micro),
-        ]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        rows = [r for f in sorted(Path(tmp).glob("rank*.json")) for r in json.loads(f.read_text())]
+    with tempfile.TemporaryDirectory() as tmp:
+        worker_args = ["--worker", "--out", tmp, "--experts", str(args.experts), "--micro", str(args.micro)]
+        try:
+            launch_ranks(__file__, worker_args, repo=REPO)
+        except LaunchFailed as e:
+            sys.exit(str(e))
+        rows = read_rank_rows(tmp)
     mosa = f"mosa_n{args.experts}"
     summary = {}
     for stage in (0, 1, 2, 3):

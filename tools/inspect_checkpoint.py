@@ -15,9 +15,9 @@ import argparse
 import json
 import sys
 
-from mosa_scale.ckpt.consolidate import CheckpointError
 from mosa_scale.ckpt.inspect import inspect_path
 from mosa_scale.ckpt.manifest import verify_member
+from mosa_scale.ckpt.safe_load import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ import json
 import logging
 import sys
 
+from mosa_scale.ckpt import CheckpointError, CheckpointMismatch, consolidate
 from mosa_scale.ckpt.adapter_file import AdapterFileError
-from mosa_scale.ckpt.consolidate import CheckpointError, CheckpointMismatch, consolidate
 from mosa_scale.ckpt.export import export_peft
 from mosa_scale.config import ConfigError
 

@@ -13,7 +13,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +216,46 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             + "; the adapter is unusable"
         )
     return state, manifest
+
+
+# ---------------------------------------------------------------------------- writing folders atomically
+@contextmanager
+def staging_folder(out_dir: str | Path, *, tidy: bool = False) -> Iterator[tuple[Path, Path]]:
+    """``(out_dir, tmp)``: a temporary folder inside ``out_dir`` (created if needed) to write files in
+    before they are moved into ``out_dir`` with ``os.replace``; it is removed on leaving, error or not.
+
+    Args:
+        out_dir: The destination folder.
+        tidy: Also remove ``out_dir`` when this call created it and it is left empty (an error
+            before anything was moved in).
+    """
+    out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".mosa-tmp-", dir=out))
+    try:
+        yield out, tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if tidy and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def write_adapters_atomically(
+    out_dir: str | Path, items: Sequence[tuple[str, Mapping[str, torch.Tensor], Mapping[str, Any]]]
+) -> list[Path]:
+    """Writes adapter directories (``(subdir, state, manifest)``, subdir "" = ``out_dir``) so that no
+    partial file is ever left: everything is written and read back (checksums) in a temporary
+    folder inside ``out_dir``, then moved in with ``os.replace``; on any error the temporary
+    folder is removed and ``out_dir`` is as before."""
+    with staging_folder(out_dir, tidy=True) as (out, tmp):
+        for sub, state, manifest in items:
+            write_adapter(tmp / sub, dict(state), dict(manifest))
+            read_adapter(tmp / sub)  # read back: every checksum verified before anything is moved in
+        done = []
+        for sub, _, _ in items:
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            for name in (WEIGHTS, MANIFEST):
+                os.replace(tmp / sub / name, out / sub / name)
+            done.append(out / sub if sub else out)
+        return done

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +30,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mosa_scale.adapters import inject_adapters, is_adapter_name
+from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name
 from mosa_scale.adapters.inject import InjectionReport
 from mosa_scale.backbones import ZeroShotHead, build_backbone
 from mosa_scale.backbones.base import stream_width
-from mosa_scale.ckpt.adapter_file import MANIFEST, AdapterFileError, read_adapter
-from mosa_scale.ckpt.consolidate import HEAD_PREFIX, TOWER_PREFIX, run_config_from_plain, skeleton_config
-from mosa_scale.config.run import HeadConfig, RunConfig
-from mosa_scale.model.assembly import build_model
+from mosa_scale.ckpt.adapter_file import MANIFEST, AdapterFileError, read_adapter, staging_folder
+from mosa_scale.ckpt.verify import skeleton_config
+from mosa_scale.config.run import HeadConfig, RunConfig, run_config_from_plain
+from mosa_scale.model.assembly import HEAD_PREFIX, TOWER_PREFIX, build_model
+from mosa_scale.sparse.layout import holds_unmerged
 
 log = logging.getLogger(__name__)
 
 PEFT_CONFIG, PEFT_WEIGHTS, HEAD_WEIGHTS = "adapter_config.json", "adapter_model.safetensors", "head.safetensors"
 _LORA_A = re.compile(r"^tower\.(?P<prefix>[^.]+)\.(?P<path>.+)\.mosa_lora(?:_(?P<slot>[qv]))?\.a\.weight$")
-_MOSA_TENSOR = re.compile(r"\.(slices|slice\d+|assign|decay|dims|steps)$")
 
 
 def load_merged(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], RunConfig]:
@@ -57,7 +55,7 @@ def load_merged(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
         FileNotFoundError: when a file is missing.
     """
     state, manifest = read_adapter(adapter_dir)
-    if manifest.get("format") == "unmerged" or any(_MOSA_TENSOR.search(k) for k in state):
+    if manifest.get("format") == "unmerged" or holds_unmerged(state):
         raise ValueError(
             f"{adapter_dir}: an unmerged MoSA state; merge it first "
             "(tools/merge_adapter.py CHECKPOINT --out DIR), then use DIR"
@@ -65,6 +63,11 @@ def load_merged(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     if not isinstance(manifest.get("config"), dict):
         raise AdapterFileError(f"{Path(adapter_dir) / MANIFEST}: has no run 'config'; not a mosa_scale adapter")
     return state, manifest, run_config_from_plain(manifest["config"])
+
+
+def dense_view(cfg: RunConfig) -> AdapterConfig:
+    """The adapter config as the merged adapter holds it: a plain dense adapter (``num_experts=1``)."""
+    return dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
 
 
 def expected_shapes(
@@ -75,8 +78,9 @@ def expected_shapes(
     sk = skeleton_config(cfg, hf_config)
     if sk is None:
         return None
-    dense = dataclasses.replace(sk.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
-    sk = dataclasses.replace(sk, adapter=dense, head=HeadConfig())  # a zero-shot head has the same weight shape
+    sk = dataclasses.replace(
+        sk, adapter=dense_view(sk), head=HeadConfig()
+    )  # a zero-shot head has the same weight shape
     with torch.device("meta"):  # the adapters' and head's init draws too: shapes only, whatever the sizes
         model, _, _ = build_model(sk, None, num_classes=num_classes, meta=True)
     return {
@@ -155,10 +159,7 @@ def _atomic_files(
 ) -> Path:
     """Writes safetensors and JSON files into ``out_dir`` through temp files and ``os.replace``;
     on error no file of this call is left."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".mosa-tmp-", dir=out))
-    try:
+    with staging_folder(out_dir) as (out, tmp):
         for name, t in tensors.items():
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in t.items()}, str(tmp / name), metadata={"format": "pt"}
@@ -167,8 +168,6 @@ def _atomic_files(
             (tmp / name).write_text(text)
         for name in [*tensors, *texts]:
             os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -380,8 +379,7 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
         for s in sites
     ]
     width = stream_width(model, sites[0])
-    dense = dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
-    report: InjectionReport = inject_adapters(model, sites, dense, router=None, width=width)
+    report: InjectionReport = inject_adapters(model, sites, dense_view(cfg), router=None, width=width)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     for row in report.rows:
         model.get_submodule(row["module"]).to(device)

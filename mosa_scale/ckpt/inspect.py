@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, read_adapter
-from mosa_scale.ckpt.consolidate import load_weights_only, read_zero_checkpoint
-from mosa_scale.sparse.layout import layer_prefixes, read_layer
+from mosa_scale.ckpt.safe_load import load_weights_only
+from mosa_scale.ckpt.zero_reader import read_zero_checkpoint
+from mosa_scale.model.assembly import HEAD_PREFIX
+from mosa_scale.sparse.layout import expert_sizes, layer_prefixes, legacy_slice, read_layer
 
 log = logging.getLogger(__name__)
 RANK_STATE = "rank*_state.pt"  # per-rank RNG + data position (numpy objects): listed, not unpickled
@@ -35,7 +37,7 @@ def partition_stats(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, An
     for p in layer_prefixes(state):
         layer = read_layer(state, p)
         n = layer.num_experts
-        sizes = torch.bincount(layer.assign.long(), minlength=n).tolist()
+        sizes = expert_sizes(layer.assign, n)
         out[p] = {
             "experts": n,
             "dims": list(layer.dims),
@@ -54,12 +56,13 @@ def partition_stats(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, An
 def expert_activations(state: Mapping[str, torch.Tensor], group_steps: Mapping[str, int]) -> dict[str, list[int]]:
     """Optimizer steps each expert took, per layer: the layers' ``steps`` buffers; for a checkpoint in
     the legacy layout (one param group per slice) the steps of each slice's group."""
-    out = {p: [int(x) for x in state[f"{p}.steps"]] for p in layer_prefixes(state) if f"{p}.steps" in state}
+    layers = [read_layer(state, p) for p in layer_prefixes(state)]
+    out = {layer.prefix: [int(x) for x in layer.steps] for layer in layers if layer.steps is not None}
     legacy: dict[str, dict[int, int]] = {}
     for name, steps in group_steps.items():
-        layer, _, leaf = name.rpartition(".")
-        if leaf.startswith("slice") and leaf[5:].isdigit():
-            legacy.setdefault(layer, {})[int(leaf[5:])] = int(steps)
+        found = legacy_slice(name)
+        if found is not None:
+            legacy.setdefault(found[0], {})[found[1]] = int(steps)
     out.update({layer: [ks[k] for k in sorted(ks)] for layer, ks in legacy.items() if layer not in out})
     return dict(sorted(out.items()))
 
@@ -69,7 +72,7 @@ def _counts(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {
         "tensors": len(state),
         "float_values": sum(v.numel() for v in floats),
-        "head_values": sum(v.numel() for k, v in state.items() if k.startswith("mosa_head.")),
+        "head_values": sum(v.numel() for k, v in state.items() if k.startswith(HEAD_PREFIX)),
     }
 
 
@@ -79,7 +82,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     d = d.parent if d.name in (WEIGHTS, MANIFEST) else d
     state, manifest = read_adapter(d)  # raises on a checksum mismatch
     cfg = manifest.get("config", {})
-    fmt = manifest.get("format") or ("unmerged" if any(k.endswith(".assign") for k in state) else "merged")
+    fmt = manifest.get("format") or ("unmerged" if layer_prefixes(state) else "merged")
     return {
         "kind": "adapter",
         "path": str(d),
@@ -98,7 +101,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
 
 def inspect_deepspeed(path: str | Path, tag: str | None = None, *, unverified: bool = False) -> dict[str, Any]:
     """A DeepSpeed checkpoint (run dir, checkpoints/ folder or tag folder), consolidated
-    (``unverified``: see :func:`~mosa_scale.ckpt.consolidate.read_zero_checkpoint`)."""
+    (``unverified``: see :func:`~mosa_scale.ckpt.zero_reader.read_zero_checkpoint`)."""
     ck = read_zero_checkpoint(path, tag=tag, unverified=unverified)
     state = ck.trained_state()
     return {
@@ -114,7 +117,7 @@ def inspect_deepspeed(path: str | Path, tag: str | None = None, *, unverified: b
             "trainable_values": sum(v.numel() for v in ck.params.values()),
             "trainable_tensors": len(ck.params),
             "buffer_tensors": len(ck.buffers),
-            "head_values": sum(v.numel() for k, v in ck.params.items() if k.startswith("mosa_head.")),
+            "head_values": sum(v.numel() for k, v in ck.params.items() if k.startswith(HEAD_PREFIX)),
         },
         "partitions": partition_stats(state),
         "expert_activations": expert_activations(state, ck.group_steps),

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from mosa_scale.backbones import enable_gradient_checkpointing
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict, write_adapter
-from mosa_scale.ckpt.consolidate import refuse_legacy_layout
 from mosa_scale.ckpt.manifest import MANIFEST_NAME
 from mosa_scale.ckpt.safe_load import CheckpointError
+from mosa_scale.ckpt.zero_reader import refuse_legacy_layout
 from mosa_scale.config.loader import to_plain
 from mosa_scale.config.run import RunConfig
 from mosa_scale.data import IGNORE_INDEX, DataError, build_loader, prepare_data

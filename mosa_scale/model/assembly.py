@@ -16,6 +16,10 @@ from mosa_scale.sparse import Router
 
 log = logging.getLogger(__name__)
 
+# state-dict name prefixes of the classifier's two parts: adapter (and MoSA layer) names are
+# relative to the tower, the head's tensors are ``mosa_head.weight`` / ``mosa_head.bias``
+TOWER_PREFIX, HEAD_PREFIX = "tower.", "mosa_head."
+
 
 class AdaptedClassifier(nn.Module):
     """The frozen tower (with adapters inside it) and the trainable head ``mosa_head``."""

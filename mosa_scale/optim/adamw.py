@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from mosa_scale.optim.groups import build_param_groups, sparse_layers
+from mosa_scale.sparse.layout import BIASES, SLICES
 from mosa_scale.sparse.linear import SparseExpertLinear
 from mosa_scale.sparse.routing import Router, Window
 
@@ -132,7 +133,7 @@ class MoSAAdamW(torch.optim.Optimizer):
         for layer in self.layers:
             missing = [
                 n
-                for n, p in (("slices", layer.slices), ("biases", getattr(layer, "biases", None)))
+                for n, p in ((SLICES, layer.slices), (BIASES, getattr(layer, "biases", None)))
                 if p is not None and id(p) not in self._own
             ]
             if missing:

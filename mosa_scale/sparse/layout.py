@@ -23,28 +23,55 @@ name            shape / dtype               what
 One tensor per split weight keeps the optimizer's param groups (and DeepSpeed's collectives) those
 of a dense adapter; the optimizer finds expert k's elements by :func:`expert_ranges`.
 
+``assign`` and ``bias_assign`` are the seeded partitions :func:`weight_partition` and
+:func:`bias_partition` give the layer's name (a layer builds them; a checkpoint check recomputes
+them). A merged state holds none of the layer's own names (:func:`holds_unmerged`).
+
 Checkpoints written before this layout held one parameter per expert (``P.slice{k}``,
-``P.bias{k}``) and no ``steps``; :func:`to_current_layout` reads them (offline tools), and
-:func:`legacy_layers` lets a resume refuse them with a clear message.
+``P.bias{k}``; the optimizer param group of each had the same name) and no ``steps``;
+:func:`to_current_layout` reads them (offline tools), :func:`legacy_slice` names a legacy param
+group's layer and expert, and :func:`legacy_layers` lets a resume refuse them with a clear message.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+from mosa_scale.sparse.partition import partition
 
 SLICES, BIASES = "slices", "biases"
 PARAMS = (SLICES, BIASES)
 BUFFERS = ("base", "assign", "decay", "steps", "dims", "bias_assign")
+NOT_IN_LEGACY = ("steps",)  # the legacy layout kept per-expert step counts in the optimizer
 _LEGACY = re.compile(r"^(slice|bias)(\d+)$")
+# names only an unmerged MoSA layer has (current or legacy); a merged state has weight/bias instead
+_UNMERGED = re.compile(rf"\.({SLICES}|slice\d+|assign|decay|dims|steps)$")
+T = TypeVar("T")
+
+
+def weight_partition(dims: tuple[int, int], num_experts: int, *, seed: int, name: str, mode: str) -> torch.Tensor:
+    """The ``assign`` buffer of the MoSA layer ``name`` (flat int8): its weight's seeded partition."""
+    return partition(tuple(dims), num_experts, seed=seed, name=f"{name}.weight", mode=mode).reshape(-1)
+
+
+def bias_partition(out_features: int, num_experts: int, *, seed: int, name: str) -> torch.Tensor:
+    """The ``bias_assign`` buffer of the MoSA layer ``name`` with a split bias (ranked as a whole)."""
+    return partition((out_features,), num_experts, seed=seed, name=f"{name}.bias", mode="all")
+
+
+def expert_sizes(assign: torch.Tensor, num_experts: int) -> list[int]:
+    """Entries per expert (more than N counts when the partition names an expert >= N)."""
+    return torch.bincount(assign.reshape(-1).long(), minlength=num_experts).tolist()
 
 
 def expert_ranges(assign: torch.Tensor, num_experts: int) -> list[tuple[int, int]]:
     """``(offset, length)`` of every expert's values in the expert-major layout."""
-    counts = torch.bincount(assign.reshape(-1).long(), minlength=num_experts).tolist()
+    counts = expert_sizes(assign, num_experts)
     if len(counts) > num_experts:
         raise ValueError(f"the partition names expert {len(counts) - 1}, but the layer has {num_experts} experts")
     offsets = [sum(counts[:k]) for k in range(num_experts)]
@@ -109,6 +136,27 @@ def layer_keys(state: Mapping[str, object], prefix: str) -> list[str]:
             if leaf in PARAMS or leaf in BUFFERS or _LEGACY.match(leaf):
                 out.append(k)
     return out
+
+
+def holds_unmerged(keys: Iterable[str]) -> bool:
+    """Whether any of ``keys`` is a name only an unmerged MoSA layer has (current or legacy layout)."""
+    return any(_UNMERGED.search(k) for k in keys)
+
+
+def legacy_slice(name: str) -> tuple[str, int] | None:
+    """``(layer, k)`` for a legacy expert-weight name ``P.slice{k}`` (a parameter, or its param group);
+    None for any other name."""
+    layer, _, leaf = name.rpartition(".")
+    m = _LEGACY.match(leaf)
+    return (layer, int(m[2])) if m and m[1] == "slice" else None
+
+
+def legacy_structure(shapes: Mapping[str, T]) -> dict[str, T]:
+    """The entries of a current-layout structure that a legacy checkpoint holds once
+    :func:`to_current_layout` converted it (it had no per-expert ``steps`` buffer)."""
+    prefixes = layer_prefixes(shapes)
+    absent = {f"{p}.{leaf}" for p in prefixes for leaf in NOT_IN_LEGACY}
+    return {k: v for k, v in shapes.items() if k not in absent}
 
 
 def legacy_layers(state: Mapping[str, object]) -> list[str]:

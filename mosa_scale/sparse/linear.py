@@ -17,8 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosa_scale.sparse.layout import bias_ranges, expert_order, expert_ranges, scatter_expert_major
-from mosa_scale.sparse.partition import partition
+from mosa_scale.sparse.layout import (
+    bias_partition,
+    bias_ranges,
+    expert_order,
+    expert_ranges,
+    scatter_expert_major,
+    weight_partition,
+)
 from mosa_scale.sparse.routing import Router
 
 
@@ -152,7 +158,7 @@ class SparseExpertLinear(nn.Module):
         out_f, in_f = weight.shape
         self.in_features, self.out_features, self.num_experts = in_f, out_f, num_experts
         self.name, self.split_bias, self.has_bias = name, split_bias, bias
-        assign = partition((out_f, in_f), num_experts, seed=seed, name=f"{name}.weight", mode=mode).reshape(-1)
+        assign = weight_partition((out_f, in_f), num_experts, seed=seed, name=name, mode=mode)
         w0 = weight.detach().float().reshape(-1)
         zero_base = not bool(w0.any())
         self.register_buffer("base", w0.new_empty(0) if zero_base else w0.clone())  # W0; empty = zeros
@@ -161,9 +167,7 @@ class SparseExpertLinear(nn.Module):
         self.register_buffer("steps", torch.zeros(num_experts, dtype=torch.int64))  # optimizer steps per expert
         self.register_buffer("dims", torch.tensor([out_f, in_f], dtype=torch.int64))
         if bias and split_bias:
-            self.register_buffer(
-                "bias_assign", partition((out_f,), num_experts, seed=seed, name=f"{name}.bias", mode="all")
-            )
+            self.register_buffer("bias_assign", bias_partition(out_f, num_experts, seed=seed, name=name))
         self._rebuild_indices()
         self.slices = nn.Parameter(w0[self.order].clone())  # (D,) expert-major
         if bias:

@@ -18,13 +18,10 @@ from launch_util import REPO, launch_env
 from safetensors.torch import load_file
 
 from mosa_scale.ckpt import read_adapter
-from mosa_scale.ckpt.consolidate import (
-    CheckpointError,
-    CheckpointMismatch,
-    consolidate,
-    load_weights_only,
-    read_zero_checkpoint,
-)
+from mosa_scale.ckpt.consolidate import consolidate
+from mosa_scale.ckpt.safe_load import CheckpointError, load_weights_only
+from mosa_scale.ckpt.verify import CheckpointMismatch
+from mosa_scale.ckpt.zero_reader import read_zero_checkpoint
 from mosa_scale.config.run import load_run_config
 from mosa_scale.data import DataSpec, build_loader
 from mosa_scale.eval import load_merged_classifier

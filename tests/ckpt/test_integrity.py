@@ -26,8 +26,9 @@ from launch_util import REPO, launch_env
 from safetensors.torch import load_file
 
 from mosa_scale.ckpt.adapter_file import MANIFEST, WEIGHTS, AdapterFileError, read_adapter
-from mosa_scale.ckpt.consolidate import CheckpointError, consolidate, load_weights_only
+from mosa_scale.ckpt.consolidate import consolidate
 from mosa_scale.ckpt.manifest import MANIFEST_NAME, file_digest, read_manifest, tag_files, verify_tag
+from mosa_scale.ckpt.safe_load import CheckpointError, load_weights_only
 from mosa_scale.engine.checkpoint import RANK_STATE, WeightsOnlyLoads, retain
 
 pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from mosa_scale.ckpt import read_adapter
-from mosa_scale.ckpt.consolidate import CheckpointError, consolidate, read_zero_checkpoint, refuse_legacy_layout
+from mosa_scale.ckpt.consolidate import consolidate
 from mosa_scale.ckpt.inspect import inspect_path
+from mosa_scale.ckpt.safe_load import CheckpointError
+from mosa_scale.ckpt.zero_reader import read_zero_checkpoint, refuse_legacy_layout
 from mosa_scale.sparse.layout import legacy_layers
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_zero2_run"

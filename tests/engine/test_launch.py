@@ -1,0 +1,42 @@
+"""The bench scripts' launch helper: the command, environment, per-rank rows and the measured engines'
+DeepSpeed config (the 2-rank launches themselves run in tests/bench)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from mosa_scale.engine.launch import bench_zero_config, deepspeed_command, read_rank_rows, repo_env, write_rank_rows
+
+
+def test_bench_zero_config_is_a_plain_engine_at_the_given_stage():
+    ds = bench_zero_config(3, micro=4, world=2, stage3_param_persistence_threshold=0)
+    assert ds == {
+        "train_batch_size": 8,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    assert bench_zero_config(1, micro=32, world=2)["zero_optimization"] == {"stage": 1}
+
+
+def test_command_and_environment(tmp_path):
+    cmd = deepspeed_command(tmp_path / "bench.py", ["--worker", "--out", "x"], ranks=2)
+    assert Path(cmd[0]).name == "deepspeed" and cmd[1:3] == ["--num_gpus", "2"] and cmd[3] == "--master_port"
+    assert 0 < int(cmd[4]) < 65536
+    assert cmd[5:] == [str(tmp_path / "bench.py"), "--worker", "--out", "x"]
+    if Path(sys.executable).with_name("deepspeed").is_file():
+        assert cmd[0] == str(Path(sys.executable).with_name("deepspeed"))
+    env = repo_env(tmp_path, OMP_NUM_THREADS="3")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path) and env["OMP_NUM_THREADS"] == "3"
+    assert env["PATH"] == os.environ["PATH"]
+
+
+def test_rank_rows_come_back_rank_by_rank(tmp_path):
+    write_rank_rows(tmp_path, 1, [{"rank": 1, "v": 2.5}])
+    write_rank_rows(tmp_path, 0, [{"rank": 0, "v": 1}, {"rank": 0, "v": 3}])
+    assert read_rank_rows(tmp_path) == [{"rank": 0, "v": 1}, {"rank": 0, "v": 3}, {"rank": 1, "v": 2.5}]
