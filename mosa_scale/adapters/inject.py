@@ -1,4 +1,5 @@
-"""Adapter injection by module surgery into a frozen tower, with a report of what was added."""
+"""Adapter injection into a frozen tower by wrapping its modules (undone by
+:func:`~mosa_scale.adapters.wrap.remove_adapters`), with a report of what was added."""
 
 from __future__ import annotations
 

@@ -98,6 +98,9 @@ def build_dataclass(cls: type, data: Mapping[str, Any] | None, prefix: str, prob
     """Builds ``cls`` from ``data``, recording unknown keys, wrong types and the class's own
     validation errors in ``problems`` (returns None when anything was wrong)."""
     data = dict(data or {})
+    select = getattr(cls, "select_class", None)  # a section whose fields depend on one of its values
+    if select is not None:
+        cls, data = select(data, prefix, problems)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mosa_scale.adapters import unwrap
 from mosa_scale.backbones.base import Backbone
 from mosa_scale.sparse.linear import SparseExpertLinear
 
@@ -124,16 +125,17 @@ def _units(model: nn.Module, backbone: Backbone, image_size: int, tokens: int) -
     def visit(name: str, m: nn.Module) -> None:
         own = _owns_trainable(m)
         n = per(name)
-        if isinstance(m, (nn.Linear, SparseExpertLinear)):
-            units.append(_Unit(name, 2.0 * m.in_features * m.out_features * n, own))
-        elif isinstance(m, nn.MultiheadAttention):
-            e = m.embed_dim
-            width = 3 * e * e if m.in_proj_weight is not None else e * (e + m.kdim + m.vdim)
-            frozen_in = m.in_proj_weight is None or not m.in_proj_weight.requires_grad
+        core = unwrap(m)  # a module an adapter wraps counts as itself (its children are visited below)
+        if isinstance(core, (nn.Linear, SparseExpertLinear)):
+            units.append(_Unit(name, 2.0 * core.in_features * core.out_features * n, own))
+        elif isinstance(core, nn.MultiheadAttention):
+            e = core.embed_dim
+            width = 3 * e * e if core.in_proj_weight is not None else e * (e + core.kdim + core.vdim)
+            frozen_in = core.in_proj_weight is None or not core.in_proj_weight.requires_grad
             units.append(_Unit(name + ".in_proj", 2.0 * width * n, not frozen_in))
-        elif isinstance(m, nn.Conv2d):
-            c = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            units.append(_Unit(name, 2.0 * c * _conv_positions(m, image_size), own))
+        elif isinstance(core, nn.Conv2d):
+            c = core.in_channels // core.groups * core.kernel_size[0] * core.kernel_size[1] * core.out_channels
+            units.append(_Unit(name, 2.0 * c * _conv_positions(core, image_size), own))
         proj = m._parameters.get("proj")
         if isinstance(proj, torch.Tensor) and proj.ndim == 2:  # OpenCLIP's image projection
             units.append(_Unit(name + ".proj", 2.0 * proj.shape[0] * proj.shape[1] * n, proj.requires_grad))

@@ -111,7 +111,7 @@ def collect_run(run_dir: Path, ranks: int) -> dict[str, Any]:
             backbone=m.name if m.family == "openclip" else m.family,
             method=cfg.adapter.method,
             num_experts=cfg.adapter.num_experts,
-            bottleneck=cfg.adapter.bottleneck,
+            bottleneck=getattr(cfg.adapter, "bottleneck", None),  # a field of the built-in methods
             share=cfg.adapter.share,
             zero_stage=_zero_stage(cfg.train.zero_config),
             precision=cfg.train.precision,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name, registered_methods
+from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name, registered_methods, remove_adapters
 from mosa_scale.backbones import BackboneConfig, build_backbone, count_parameters, enable_gradient_checkpointing
 from mosa_scale.model.assembly import AdaptedClassifier, _stream_width
 from mosa_scale.optim import MoSAAdamW
@@ -55,6 +55,15 @@ def test_identity_at_init_and_only_adapters_train(tiny_cfg, pixels, method, n):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(is_adapter_name(k) for k in changed)
     assert any("mosa_head" in k for k in changed) and any(k.count("mosa_") and "head" not in k for k in changed)
+    # removal gives back the untouched tower: state dict (keys and values) and outputs
+    remove_adapters(tower)
+    untouched = frozen.state_dict()
+    assert tower.state_dict().keys() == untouched.keys()
+    assert all(torch.equal(v, untouched[k]) for k, v in tower.state_dict().items())
+    tower.eval()
+    frozen.eval()
+    with torch.no_grad():
+        assert torch.equal(tower(pixels), frozen(pixels))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(pixels):

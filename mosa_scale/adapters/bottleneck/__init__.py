@@ -6,23 +6,33 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mosa_scale.adapters.bottleneck.layer import BottleneckAdapter
-from mosa_scale.adapters.config import AdapterConfig
+from mosa_scale.adapters.bottleneck.config import BottleneckConfig
+from mosa_scale.adapters.bottleneck.layer import AddAdapter, BottleneckAdapter, HandOff, TapInput
 from mosa_scale.adapters.factory import InjectContext, projection, split_flags
 from mosa_scale.adapters.registry import register_method
+from mosa_scale.adapters.wrap import wrap
 
 
 @dataclass(frozen=True)
 class BottleneckMethod:
-    """One bottleneck style: where it hooks in and its defaults (MOSA_SPEC section 1)."""
+    """One bottleneck style: where it goes and its defaults (MOSA_SPEC section 1).
+
+    Attributes:
+        places: ``(adapter name on the block, BlockSites field of the sublayer it adds to)``.
+        parallel: The adapter reads the residual stream before the pre-FFN norm (the input of
+            ``site.ln2``) instead of the sublayer's output.
+    """
 
     name: str
     act: str
     layer_norm: bool
     default_scale: float
     default_dropout: float
+    places: tuple[tuple[str, str], ...] = (("mosa_adapter", "mlp"),)
+    parallel: bool = False
+    config_class: type[BottleneckConfig] = BottleneckConfig
 
-    def build(self, dim: int, block: int, prefix: str, cfg: AdapterConfig, ctx: InjectContext) -> BottleneckAdapter:
+    def build(self, dim: int, block: int, prefix: str, cfg: BottleneckConfig, ctx: InjectContext) -> BottleneckAdapter:
         n = cfg.experts_for(block)
         split_down, split_up = split_flags(cfg, n)
         r = cfg.bottleneck
@@ -36,36 +46,36 @@ class BottleneckMethod:
         )
 
     def inject_block(
-        self, model: nn.Module, site, block: int, cfg: AdapterConfig, ctx: InjectContext
+        self, model: nn.Module, site, block: int, cfg: BottleneckConfig, ctx: InjectContext
     ) -> dict[str, nn.Module]:
         blk = model.get_submodule(site.block)
+        handoff = None
+        if self.parallel:
+            handoff = HandOff()
+            wrap(model, site.ln2, lambda m: TapInput(m, handoff))
         added: dict[str, nn.Module] = {}
-        if self.name == "houlsby":
-            for where, target in (("attn", site.attn), ("mlp", site.mlp)):
-                adapter = self.build(ctx.width, block, f"{site.block}.mosa_adapter_{where}", cfg, ctx)
-                blk.add_module(f"mosa_adapter_{where}", adapter)
-                model.get_submodule(target).register_forward_hook(adapter.add_from_output)
-                added[f"{site.block}.mosa_adapter_{where}"] = adapter
-            return added
-        adapter = self.build(ctx.width, block, f"{site.block}.mosa_adapter", cfg, ctx)
-        blk.add_module("mosa_adapter", adapter)
-        if self.name == "parallel":
-            model.get_submodule(site.ln2).register_forward_pre_hook(adapter.stash_input)
-            model.get_submodule(site.mlp).register_forward_hook(adapter.add_from_stash)
-        else:
-            model.get_submodule(site.mlp).register_forward_hook(adapter.add_from_output)
-        added[f"{site.block}.mosa_adapter"] = adapter
+        for child, where in self.places:
+            adapter = self.build(ctx.width, block, f"{site.block}.{child}", cfg, ctx)
+            wrapper = wrap(model, getattr(site, where), lambda m, a=adapter: AddAdapter(m, a, handoff))
+            added[f"{site.block}.{child}"] = wrapper.attach(blk, child, adapter)
         return added
 
 
 PARALLEL = register_method(
-    BottleneckMethod("parallel", act="gelu", layer_norm=True, default_scale=0.1, default_dropout=0.1)
+    BottleneckMethod("parallel", act="gelu", layer_norm=True, default_scale=0.1, default_dropout=0.1, parallel=True)
 )
 SEQUENTIAL = register_method(
     BottleneckMethod("sequential", act="relu", layer_norm=True, default_scale=1.0, default_dropout=0.0)
 )
 HOULSBY = register_method(
-    BottleneckMethod("houlsby", act="silu", layer_norm=False, default_scale=1.0, default_dropout=0.0)
+    BottleneckMethod(
+        "houlsby",
+        act="silu",
+        layer_norm=False,
+        default_scale=1.0,
+        default_dropout=0.0,
+        places=(("mosa_adapter_attn", "attn"), ("mosa_adapter_mlp", "mlp")),
+    )
 )
 
-__all__ = ["BottleneckAdapter", "BottleneckMethod", "HOULSBY", "PARALLEL", "SEQUENTIAL"]
+__all__ = ["BottleneckAdapter", "BottleneckConfig", "BottleneckMethod", "HOULSBY", "PARALLEL", "SEQUENTIAL"]

@@ -1,8 +1,10 @@
-"""Bottleneck adapters (MOSA_SPEC section 1): parallel (AdaptFormer), sequential (Pfeiffer), Houlsby.
+"""Bottleneck adapters (MOSA_SPEC section 1): parallel (AdaptFormer), sequential (Pfeiffer), Houlsby,
+and the wrappers that put them into a block.
 
-The same module serves the dense baseline, MoSA training (Down/Up may be
+The same adapter module serves the dense baseline, MoSA training (Down/Up may be
 :class:`~mosa_scale.sparse.linear.SparseExpertLinear`) and the merged adapter (plain
-``nn.Linear``), so a merged state dict loads into a dense-built adapter with no MoSA code.
+``nn.Linear``), so a merged state dict loads into a dense-built adapter with no MoSA code. The
+adapter is a child of the block (``<block>.mosa_adapter``); the wrappers only call it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from mosa_scale.adapters.factory import CastIO
+from mosa_scale.adapters.wrap import Wrapper, map_first
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -39,32 +42,61 @@ class BottleneckAdapter(CastIO):
         self.act = ACTIVATIONS[act]()
         self.dropout = nn.Dropout(dropout)
         self.scale = scale
-        self._stash: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         h = self.down(self.ln(x))  # (B, T, D) -> (B, T, r)
         h = self.up(self.dropout(self.act(h)))  # (B, T, r) -> (B, T, D)
         return h * self.scale if self.scale != 1.0 else h
 
-    # Hooks. Bound methods (not closures) so that deepcopy of the model re-targets them.
-    def stash_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Pre-hook on the pre-FFN norm: its input is the residual stream h after attention."""
-        self._stash = args[0]
 
-    def add_from_stash(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        """Hook on the FFN: ``FFN(LN2(h)) + s * A(h)`` (parallel)."""
-        h, self._stash = self._stash, None
-        if h is None:
+class HandOff:
+    """The residual stream h of the current block call, from the pre-FFN norm (which receives it)
+    to the FFN wrapper (which needs it): put once per call, taken once, so nothing outlives the
+    block's forward (a recomputed block puts and takes again)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def take(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None:
             raise RuntimeError("parallel adapter: the FFN ran without its pre-FFN norm running first")
-        return _map_first(output, lambda y: y + self(h))
-
-    def add_from_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        """Hook on a sublayer: ``y + A(y)`` (sequential on the FFN, Houlsby on attention and FFN)."""
-        return _map_first(output, lambda y: y + self(y))
+        return value
 
 
-def _map_first(output: Any, fn: Any) -> Any:
-    """Applies ``fn`` to a tensor output, or to the first element of a tuple output."""
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    return fn(output)
+class TapInput(Wrapper):
+    """The pre-FFN norm, handing its input h (the stream after attention) to the FFN wrapper."""
+
+    def __init__(self, base: nn.Module, handoff: HandOff) -> None:
+        super().__init__(base)
+        self.__dict__["handoff"] = handoff
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # (B, T, D) -> base's output
+        self.handoff.value = x
+        return self.base_layer(x, *args, **kwargs)
+
+
+class AddAdapter(Wrapper):
+    """A sublayer plus an adapter term: ``y + A(y)`` (sequential on the FFN, Houlsby on attention
+    and FFN) or, with a hand-off, ``FFN(LN2(h)) + A(h)`` (parallel). ``y`` is the output, or its
+    first element when the sublayer returns a tuple.
+
+    Args:
+        base: The sublayer.
+        adapter: The adapter module (registered on the block by the caller, not here).
+        handoff: For the parallel adapter: where the pre-FFN norm left h.
+    """
+
+    def __init__(self, base: nn.Module, adapter: nn.Module, handoff: HandOff | None = None) -> None:
+        super().__init__(base)
+        self.__dict__["adapter"] = adapter
+        self.__dict__["handoff"] = handoff
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # (B, T, D) -> (B, T, D)
+        out = self.base_layer(*args, **kwargs)
+        if self.handoff is None:
+            return map_first(out, lambda y: y + self.adapter(y))
+        h = self.handoff.take()
+        return map_first(out, lambda y: y + self.adapter(h))
