@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mosa_scale.adapters.config import AdapterConfig
+from mosa_scale.seeding import derive_seed
 from mosa_scale.sparse.linear import SparseExpertLinear
-from mosa_scale.sparse.partition import stable_seed
 from mosa_scale.sparse.routing import Router
 
 ADAPTER_MARK = "mosa_"
@@ -59,7 +59,7 @@ def projection(
     Args:
         init: ``kaiming`` (Down / LoRA A) or ``zeros`` (Up / LoRA B).
     """
-    gen = torch.Generator().manual_seed(stable_seed("init", cfg.seed, name))
+    gen = torch.Generator().manual_seed(derive_seed("init", cfg.seed, name))
     weight = kaiming_weight(out_f, in_f, generator=gen) if init == "kaiming" else torch.zeros(out_f, in_f)
     if split and num_experts >= 2:
         if ctx.router is None:

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from mosa_scale.config.errors import Problems
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from the string forms of ``parts``; identical on every process and machine."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from mosa_scale.seeding import derive_seed
 
 
 def _bins(scores: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -59,7 +52,7 @@ def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str,
             f"num_experts: {num_experts} experts cannot split {name!r} of shape {tuple(shape)} in mode "
             f"{mode!r}: only {group} entries are ranked together; use fewer experts or another mode"
         )
-    gen = torch.Generator(device="cpu").manual_seed(stable_seed("partition", seed, name))
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed("partition", seed, name))
     scores = torch.rand(mat, generator=gen, dtype=torch.float64)
     if mode == "all":
         assign = _bins(scores.reshape(-1), num_experts).reshape(mat)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from mosa_scale.sparse.partition import stable_seed
+from mosa_scale.seeding import derive_seed
 
 SliceKey = tuple[int, int]  # (route id, expert)
 # the pass index of the evaluation's one stochastic probe: training uses passes 0 and 1 (the
@@ -71,7 +71,7 @@ class Router:
         """Choices of every rank for one forward: (ranks, routes) int64, ranks = 1 under global."""
         routes = len(self.num_experts)
         rows = self.world_size if self.scope == "rank" else 1
-        gen = torch.Generator(device="cpu").manual_seed(stable_seed("route", self.seed, step, micro, pass_index))
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed("route", self.seed, step, micro, pass_index))
         u = torch.rand((rows, routes), generator=gen, dtype=torch.float64)
         n = torch.tensor(self.num_experts, dtype=torch.float64)
         choice = torch.floor(u * n).to(torch.int64)  # uniform over 0..N-1 per route
