@@ -36,7 +36,6 @@ class AdapterConfig:
         mosa_blocks: Block indices (among ``blocks``) whose adapters are MoSA; None means all.
         experts_per_block: Per-depth override of N, ``{block_index: N}``.
         lora_targets: Attention projections that get LoRA (``q``, ``v``).
-        seed: Partition seed (the run seed); with the parameter's qualified name it fixes the split.
     """
 
     method: str = "parallel"
@@ -51,7 +50,6 @@ class AdapterConfig:
     mosa_blocks: tuple[int, ...] | None = None
     experts_per_block: dict[int, int] = field(default_factory=dict)
     lora_targets: tuple[str, ...] = ("q", "v")
-    seed: int = 3407
 
     def __post_init__(self) -> None:
         from mosa_scale.adapters.registry import registered_methods

@@ -394,9 +394,9 @@ def config_differences(
 
 
 def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> list[str]:
-    """Recomputes every MoSA layer's seeded partition from (adapter.seed, name, mode, N) and
+    """Recomputes every MoSA layer's seeded partition from (train.seed, name, mode, N) and
     compares it with the saved ``assign`` (and ``bias_assign``) buffers."""
-    a = cfg.adapter
+    a, seed = cfg.adapter, cfg.train.seed
     out = []
     for p in layer_prefixes(state):
         name = p[len(TOWER_PREFIX) :] if p.startswith(TOWER_PREFIX) else p
@@ -411,23 +411,23 @@ def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> 
             continue
         saved = layer.assign
         try:
-            expected = partition(dims, n, seed=a.seed, name=f"{name}.weight", mode=a.mode).reshape(-1)
+            expected = partition(dims, n, seed=seed, name=f"{name}.weight", mode=a.mode).reshape(-1)
         except ValueError as e:
             out.append(f"{p}: {e}")
             continue
         if not torch.equal(saved.to(expected.dtype), expected):
             bad = int((saved.to(expected.dtype) != expected).sum())
             out.append(
-                f"{p}: partition differs in {bad} of {expected.numel()} entries from the one adapter.seed="
-                f"{a.seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)"
+                f"{p}: partition differs in {bad} of {expected.numel()} entries from the one train.seed="
+                f"{seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)"
             )
         has_split_bias = layer.bias_assign is not None
         if has_split_bias != a.split_bias and layer.biases is not None:
             out.append(f"{p}: adapter.split_bias: config {a.split_bias}, checkpoint {has_split_bias}")
         elif has_split_bias:
-            eb = partition((dims[0],), n, seed=a.seed, name=f"{name}.bias", mode="all")
+            eb = partition((dims[0],), n, seed=seed, name=f"{name}.bias", mode="all")
             if not torch.equal(layer.bias_assign.to(eb.dtype), eb):
-                out.append(f"{p}: bias partition differs from the one adapter.seed={a.seed}, N={n} give")
+                out.append(f"{p}: bias partition differs from the one train.seed={seed}, N={n} give")
     return out
 
 

@@ -381,7 +381,7 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
     ]
     width = stream_width(model, sites[0])
     dense = dataclasses.replace(cfg.adapter, num_experts=1, experts_per_block={}, mosa_blocks=None)
-    report: InjectionReport = inject_adapters(model, sites, dense, router=None, width=width)
+    report: InjectionReport = inject_adapters(model, sites, dense, seed=cfg.train.seed, router=None, width=width)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     for row in report.rows:
         model.get_submodule(row["module"]).to(device)

@@ -272,9 +272,29 @@ def run_config_from_plain(data: Mapping[str, Any]) -> RunConfig:
 def _build_sections(data: Mapping[str, Any], p: Problems) -> dict[str, Any]:
     """Each RunConfig section built from ``data``; unknown top-level keys and every section's
     problems recorded in ``p``."""
+    data = _read_legacy_seed(data, p)
     hints = typing.get_type_hints(RunConfig)
     sections = [f.name for f in dataclasses.fields(RunConfig)]
     for key in data:
         if key not in sections:
             p.unknown(key, sections)
     return {name: build_dataclass(hints[name], data.get(name), name, p) for name in sections}
+
+
+def _read_legacy_seed(data: Mapping[str, Any], p: Problems) -> Mapping[str, Any]:
+    """``adapter.seed``, the partition seed of configs written before ``train.seed`` became the one
+    run seed, is accepted when it equals the run seed (every recipe, run config.yaml and adapter
+    file of that time set both to the same value) and dropped; a different value is a problem:
+    this version seeds partitions and adapter init from ``train.seed``, so it cannot rebuild them."""
+    adapter, train = data.get("adapter"), data.get("train")
+    if not isinstance(adapter, Mapping) or "seed" not in adapter:
+        return data
+    run_seed = train.get("seed", TrainConfig.seed) if isinstance(train, Mapping) else TrainConfig.seed
+    if adapter["seed"] != run_seed:
+        p.add(
+            "adapter.seed",
+            f"got {adapter['seed']!r}, train.seed is {run_seed!r}; adapter.seed was removed: the run seed "
+            "train.seed also seeds the MoSA partitions and the adapter init. Remove adapter.seed (set "
+            "train.seed to its value to keep its partitions)",
+        )
+    return {**data, "adapter": {k: v for k, v in adapter.items() if k != "seed"}}

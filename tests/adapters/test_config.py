@@ -33,4 +33,4 @@ def test_more_experts_than_entries():
     tower = make_tower()
     cfg = AdapterConfig(bottleneck=2, num_experts=4, share="none", mode="row")  # Up rows hold 2 entries
     with pytest.raises(ValueError, match=r"num_experts: 4 experts cannot split 'blocks.0.mosa_adapter.up.weight'"):
-        inject_adapters(tower, tower.sites(), cfg, router=Router(seed=0), width=32)
+        inject_adapters(tower, tower.sites(), cfg, seed=0, router=Router(seed=0), width=32)
