@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from mosa_scale.config.errors import Problems
+from mosa_scale.sparse.partition import MAX_EXPERTS, Mode
 
 Share = Literal["none", "down", "up"]
-Mode = Literal["all", "row", "column"]
-Scope = Literal["global", "rank"]
-
-SHARE_VALUES = ("none", "down", "up")
-MODE_VALUES = ("all", "row", "column")
-SCOPE_VALUES = ("global", "rank")
+SHARE_VALUES: tuple[str, ...] = get_args(Share)
 
 
 @dataclass(frozen=True)
@@ -62,16 +58,16 @@ class AdapterConfig:
         """Records every problem of this config into ``p`` (fields named ``prefix.field``)."""
         p.choice(f"{prefix}.method", self.method, methods)
         p.choice(f"{prefix}.share", self.share, SHARE_VALUES)
-        p.choice(f"{prefix}.mode", self.mode, MODE_VALUES)
+        p.choice(f"{prefix}.mode", self.mode, get_args(Mode))
         if not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             p.add(f"{prefix}.bottleneck", f"got {self.bottleneck!r}; must be a positive integer")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             p.add(f"{prefix}.num_experts", f"got {self.num_experts!r}; must be an integer >= 1 (1 = dense)")
-        elif self.num_experts > 127:
-            p.add(f"{prefix}.num_experts", f"got {self.num_experts}; at most 127 experts are supported")
+        elif self.num_experts > MAX_EXPERTS:
+            p.add(f"{prefix}.num_experts", f"got {self.num_experts}; at most {MAX_EXPERTS} experts are supported")
         for blk, n in self.experts_per_block.items():
-            if not isinstance(n, int) or n < 1 or n > 127:
-                p.add(f"{prefix}.experts_per_block.{blk}", f"got {n!r}; must be an integer in 1..127")
+            if not isinstance(n, int) or n < 1 or n > MAX_EXPERTS:
+                p.add(f"{prefix}.experts_per_block.{blk}", f"got {n!r}; must be an integer in 1..{MAX_EXPERTS}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             p.add(f"{prefix}.dropout", f"got {self.dropout!r}; must be in [0, 1)")
         for t in self.lora_targets:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.utils.checkpoint
@@ -25,6 +25,7 @@ from mosa_scale.seeding import derive_seed
 SliceKey = tuple[int, int]  # (route id, expert)
 # the pass index of the evaluation's one stochastic probe: training uses passes 0 and 1 (the
 # consistency pass), so the probe's routing plan is never one a training forward used
+Scope = Literal["global", "rank"]  # routing.scope
 PROBE_PASS = 7
 
 
@@ -48,9 +49,8 @@ class Router:
         world_size: Data-parallel world size.
     """
 
-    def __init__(self, seed: int, scope: str = "global", rank: int = 0, world_size: int = 1) -> None:
-        if scope not in ("global", "rank"):
-            raise ValueError(f"routing.scope: got {scope!r}; allowed values are 'global', 'rank'")
+    def __init__(self, seed: int, scope: Scope = "global", rank: int = 0, world_size: int = 1) -> None:
+        assert scope in get_args(Scope), scope  # routing.scope is checked when the config is loaded
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.seed, self.scope, self.rank, self.world_size = seed, scope, rank, world_size

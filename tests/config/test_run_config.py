@@ -1,4 +1,5 @@
-"""The run config: one run seed (train.seed), and configs written with the removed adapter.seed."""
+"""The run config: every section checks itself, all problems reported together; one run seed
+(train.seed), and configs written with the removed adapter.seed."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch
 import yaml
 
 from mosa_scale.config import ConfigError
-from mosa_scale.config.run import load_run_config, run_config_from_plain
+from mosa_scale.config.run import (
+    ConsistencyConfig,
+    HeadConfig,
+    OptimConfig,
+    RoutingConfig,
+    TrainConfig,
+    load_run_config,
+    run_config_from_plain,
+)
+from mosa_scale.data.config import DataConfig
 from mosa_scale.eval.evaluate import load_merged_classifier
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_zero2_run"
@@ -40,3 +50,42 @@ def test_an_adapter_seed_other_than_the_run_seed_is_refused_with_the_fix(overrid
     assert len(e.value.problems) == 1
     assert e.value.problems[0].startswith("adapter.seed: got ") and "adapter.seed was removed" in str(e.value)
     assert "set train.seed to its value" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "build,problem",
+    [
+        (lambda: OptimConfig(lr=0.0), "optim.lr: got 0.0; must be > 0"),
+        (lambda: OptimConfig(inactive="drift"), "optim.inactive: got 'drift'; allowed values are ['skip', 'coast']"),
+        (lambda: TrainConfig(steps=0), "train.steps: got 0; must be > 0"),
+        (
+            lambda: TrainConfig(precision="fp8"),
+            "train.precision: got 'fp8'; allowed values are ['fp32', 'bf16', 'fp16']",
+        ),
+        (lambda: DataConfig(workers=-1), "data.workers: got -1; must be >= 0"),
+        (lambda: HeadConfig(kind="zeroshot"), "head.class_names: 'zeroshot' needs the class names for its prompts"),
+        (lambda: RoutingConfig(scope="node"), "routing.scope: got 'node'; allowed values are ['global', 'rank']"),
+        (lambda: ConsistencyConfig(hidden_blocks=-1), "consistency.hidden_blocks: must be >= 0"),
+    ],
+)
+def test_every_section_checks_itself_when_built(build, problem):
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert e.value.problems == [problem]
+
+
+def test_problems_of_every_section_and_across_sections_are_reported_together():
+    overrides = ["optim.lr=0", "optim.warmup_steps=500", "data.workers=-1", "consistency.hidden_blocks=-1"]
+    overrides += ["model.image_size=0", "adapter.num_experts=200", "train.global_batch=30", "train.micro_batch=8"]
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, overrides, check_files=False)
+    assert sorted(e.value.problems) == [
+        "adapter.num_experts: got 200; at most 127 experts are supported",
+        "consistency.hidden_blocks: must be >= 0",
+        "data.workers: got -1; must be >= 0",
+        "model.image_size: got image_size=0; must be a positive int or None",
+        "optim.lr: got 0.0; must be > 0",
+        "optim.warmup_steps: got 500; must be in [0, train.steps=100)",  # checked although optim.lr was bad
+        "train.global_batch: 30 is not micro_batch (8) x accumulation x world size (1) for any whole accumulation; "
+        "use a multiple of 8",
+    ]
