@@ -23,9 +23,9 @@ import torch.utils.checkpoint
 from mosa_scale.seeding import derive_seed
 
 SliceKey = tuple[int, int]  # (route id, expert)
+Scope = Literal["global", "rank"]  # routing.scope
 # the pass index of the evaluation's one stochastic probe: training uses passes 0 and 1 (the
 # consistency pass), so the probe's routing plan is never one a training forward used
-Scope = Literal["global", "rank"]  # routing.scope
 PROBE_PASS = 7
 
 
