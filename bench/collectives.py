@@ -72,7 +72,8 @@ def build(stage: int, blocks: int, experts: int, rank: int, world: int):
     inject_adapters(
         bb.model,
         bb.sites,
-        AdapterConfig(method="parallel", bottleneck=R, num_experts=experts, share="down", seed=0),
+        AdapterConfig(method="parallel", bottleneck=R, num_experts=experts, share="down"),
+        seed=0,
         router=router,
         width=WIDTH,
     )

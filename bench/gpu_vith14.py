@@ -61,7 +61,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     inject_adapters(
         bb.model,
         bb.sites,
-        AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down", seed=0),
+        AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down"),
+        seed=0,
         router=router,
         width=width,
     )

@@ -88,8 +88,8 @@ def build(tower: BackboneConfig, experts: int, *, seed: int, device: torch.devic
     bb = build_backbone(tower, device=device)
     router = Router(seed)
     width = int(bb.model.get_submodule(bb.sites[0].ln2).normalized_shape[0])
-    cfg = AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down", seed=seed)
-    inject_adapters(bb.model, bb.sites, cfg, router=router, width=width)
+    cfg = AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down")
+    inject_adapters(bb.model, bb.sites, cfg, seed=seed, router=router, width=width)
     model = AdaptedClassifier(
         bb.model, build_head("linear", bb.width, CLASSES, generator=torch.Generator().manual_seed(seed))
     )

@@ -68,7 +68,8 @@ def measure(stage: int, experts: int, micro: int, rank: int, world: int) -> dict
     inject_adapters(
         bb.model,
         bb.sites,
-        AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down", seed=0),
+        AdapterConfig(method="parallel", bottleneck=64, num_experts=experts, share="down"),
+        seed=0,
         router=router,
         width=TOWER["hidden_size"],
     )

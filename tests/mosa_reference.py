@@ -51,13 +51,13 @@ class RefSplitLinear(nn.Module):
                     b.grad.mul_(self.bias_masks[k])
 
 
-def build_pair(cfg: AdapterConfig, *, fused: bool = False):
-    """The mosa_scale model and its reference twin (same frozen tower, W0, head)."""
-    router = Router(seed=cfg.seed)
+def build_pair(cfg: AdapterConfig, *, seed: int = 3407, fused: bool = False):
+    """The mosa_scale model and its reference twin (same frozen tower, W0, head); ``seed`` is the run seed."""
+    router = Router(seed=seed)
     tower = make_tower(fused=fused)
     frozen = copy.deepcopy(tower)
     model = Classifier(tower, 32)
-    inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    inject_adapters(tower, tower.sites(), cfg, seed=seed, router=router, width=32)
     ref = copy.deepcopy(model)
     refs = {}
     for name, layer in sparse_layers(ref).items():  # swap every MoSA layer for N full copies

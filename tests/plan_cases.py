@@ -46,7 +46,7 @@ def case_config(name: str) -> RunConfig:
     c = CASES[name]
     return RunConfig(
         model=c["tower"],
-        adapter=AdapterConfig(method=c["method"], bottleneck=16, num_experts=4, dropout=0.0, seed=3),
+        adapter=AdapterConfig(method=c["method"], bottleneck=16, num_experts=4, dropout=0.0),
         data=DataConfig(image_size=None),
         train=TrainConfig(seed=5, micro_batch=MICRO, global_batch=2 * MICRO, gradient_checkpointing=c["ac"]),
         consistency=ConsistencyConfig(enabled=c["consistency"]),

@@ -11,17 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mosa_scale.config.errors import Problems
+from mosa_scale.sparse.partition import MAX_EXPERTS, Mode
 
 Share = Literal["none", "down", "up"]
-Mode = Literal["all", "row", "column"]
-Scope = Literal["global", "rank"]
-
-SHARE_VALUES = ("none", "down", "up")
-MODE_VALUES = ("all", "row", "column")
-SCOPE_VALUES = ("global", "rank")
+SHARE_VALUES: tuple[str, ...] = get_args(Share)
 DEFAULT_METHOD = "parallel"
 
 
@@ -43,7 +39,6 @@ class AdapterConfig:
         blocks: Block indices that carry an adapter; None means every block.
         mosa_blocks: Block indices (among ``blocks``) whose adapters are MoSA; None means all.
         experts_per_block: Per-depth override of N, ``{block_index: N}``.
-        seed: Partition seed (the run seed); with the parameter's qualified name it fixes the split.
     """
 
     method: str = DEFAULT_METHOD
@@ -56,7 +51,6 @@ class AdapterConfig:
     blocks: tuple[int, ...] | None = None
     mosa_blocks: tuple[int, ...] | None = None
     experts_per_block: dict[int, int] = field(default_factory=dict)
-    seed: int = 3407
 
     def __new__(cls, *args: Any, **kwargs: Any) -> AdapterConfig:
         # AdapterConfig(method="lora", ...) is the registered method's config class; an unknown
@@ -80,14 +74,14 @@ class AdapterConfig:
         method's config class adds its own fields' problems."""
         p.choice(f"{prefix}.method", self.method, methods)
         p.choice(f"{prefix}.share", self.share, SHARE_VALUES)
-        p.choice(f"{prefix}.mode", self.mode, MODE_VALUES)
+        p.choice(f"{prefix}.mode", self.mode, get_args(Mode))
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             p.add(f"{prefix}.num_experts", f"got {self.num_experts!r}; must be an integer >= 1 (1 = dense)")
-        elif self.num_experts > 127:
-            p.add(f"{prefix}.num_experts", f"got {self.num_experts}; at most 127 experts are supported")
+        elif self.num_experts > MAX_EXPERTS:
+            p.add(f"{prefix}.num_experts", f"got {self.num_experts}; at most {MAX_EXPERTS} experts are supported")
         for blk, n in self.experts_per_block.items():
-            if not isinstance(n, int) or n < 1 or n > 127:
-                p.add(f"{prefix}.experts_per_block.{blk}", f"got {n!r}; must be an integer in 1..127")
+            if not isinstance(n, int) or n < 1 or n > MAX_EXPERTS:
+                p.add(f"{prefix}.experts_per_block.{blk}", f"got {n!r}; must be an integer in 1..{MAX_EXPERTS}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             p.add(f"{prefix}.dropout", f"got {self.dropout!r}; must be in [0, 1)")
         for name in ("blocks", "mosa_blocks"):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from mosa_scale.adapters.config import AdapterConfig
+from mosa_scale.seeding import derive_seed
 from mosa_scale.sparse.linear import SparseExpertLinear
-from mosa_scale.sparse.partition import stable_seed
 from mosa_scale.sparse.routing import Router
 
 ADAPTER_MARK = "mosa_"
@@ -25,8 +25,9 @@ def is_adapter_name(name: str) -> bool:
 
 @dataclass
 class InjectContext:
-    """What injection needs besides the config: the router, the feature width, the dtype."""
+    """What injection needs besides the config: the run seed, the router, the feature width, the dtype."""
 
+    seed: int  # the run seed (train.seed): with a parameter's name it seeds its init and MoSA partition
     router: Router | None
     width: int
     dtype: torch.dtype = torch.float32
@@ -59,7 +60,7 @@ def projection(
     Args:
         init: ``kaiming`` (Down / LoRA A) or ``zeros`` (Up / LoRA B).
     """
-    gen = torch.Generator().manual_seed(stable_seed("init", cfg.seed, name))
+    gen = torch.Generator().manual_seed(derive_seed("init", ctx.seed, name))
     weight = kaiming_weight(out_f, in_f, generator=gen) if init == "kaiming" else torch.zeros(out_f, in_f)
     if split and num_experts >= 2:
         if ctx.router is None:
@@ -69,7 +70,7 @@ def projection(
             bias=bias,
             num_experts=num_experts,
             name=name,
-            seed=cfg.seed,
+            seed=ctx.seed,
             mode=cfg.mode,
             split_bias=cfg.split_bias,
             router=ctx.router,

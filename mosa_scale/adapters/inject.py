@@ -48,6 +48,7 @@ def inject_adapters(
     sites: Sequence,
     cfg: AdapterConfig,
     *,
+    seed: int,
     router: Router | None,
     width: int,
     dtype: torch.dtype = torch.float32,
@@ -58,6 +59,8 @@ def inject_adapters(
         model: The frozen tower (module names in ``sites`` are relative to it).
         sites: One :class:`~mosa_scale.backbones.base.BlockSites` per block, in depth order.
         cfg: Adapter configuration.
+        seed: The run seed (``train.seed``); with each parameter's qualified name it seeds the
+            adapter init and the MoSA partition.
         router: Shared router for MoSA layers (required when any block has N >= 2).
         width: Feature width of the residual stream.
         dtype: Dtype of the adapter parameters (fp32 even on a bf16 tower).
@@ -73,7 +76,7 @@ def inject_adapters(
     for p in model.parameters():
         p.requires_grad_(False)
     method = get_method(cfg.method)
-    ctx = InjectContext(router=router, width=width, dtype=dtype)
+    ctx = InjectContext(seed=seed, router=router, width=width, dtype=dtype)
     report = InjectionReport(method=cfg.method)
     for block, site in enumerate(sites):
         if not cfg.carries_adapter(block):

@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
+
+from mosa_scale.config.errors import Problems
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ Pooling = Literal["cls", "mean", "pooler"]
 # the normalisation OpenAI's CLIP (and so OpenCLIP and HF CLIP) was trained with
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-FAMILIES: tuple[str, ...] = ("openclip", "hf-vit", "hf-clip")
+FAMILIES: tuple[str, ...] = get_args(Family)
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
@@ -126,49 +128,53 @@ class BackboneConfig:
     image_std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        errors: list[str] = []
-        if self.family not in FAMILIES:
-            errors.append(f"family={self.family!r}: allowed values are {list(FAMILIES)}")
-        if self.precision not in PRECISIONS:
-            errors.append(f"precision={self.precision!r}: allowed values are {list(PRECISIONS)}")
-        allowed_pool = POOLINGS.get(self.family, ("cls", "mean", "pooler"))
-        if self.pooling not in allowed_pool:
-            errors.append(
-                f"pooling={self.pooling!r}: allowed values for family {self.family!r} are {list(allowed_pool)}"
-            )
-        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained.strip()):
-            errors.append(f"pretrained={self.pretrained!r}: give a tag, a file or a directory, or None")
-        if self.image_size is not None and (
-            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0
-        ):
-            errors.append(f"image_size={self.image_size!r}: must be a positive int or None")
-        for fname in ("image_mean", "image_std"):
-            val = getattr(self, fname)
-            if val is None:
-                continue
-            if len(val) != 3 or not all(isinstance(x, (int, float)) for x in val):
-                errors.append(f"{fname}={val!r}: must be 3 floats (one per RGB channel) or None")
-            elif fname == "image_std" and any(x <= 0 for x in val):
-                errors.append(f"image_std={val!r}: every entry must be > 0")
-        if self.family == "openclip":
-            if not self.name:
-                errors.append("name='': give an OpenCLIP model name such as 'ViT-B-16'")
-            if self.hf_config is not None:
-                errors.append("hf_config: only used by families 'hf-vit' and 'hf-clip'; remove it")
-            if self.openclip_cfg is not None:
-                missing = [k for k in ("embed_dim", "vision_cfg") if k not in self.openclip_cfg]
-                if missing:
-                    errors.append(f"openclip_cfg: missing keys {missing} (an OpenCLIP model config)")
-        elif self.family in FAMILIES:
-            if self.openclip_cfg is not None:
-                errors.append("openclip_cfg: only used by family 'openclip'; remove it")
-        if errors:
-            raise ValueError("invalid BackboneConfig: " + "; ".join(errors))
+        p = Problems()
+        self.validate_into(p, prefix="model")
+        p.raise_if_any()
         # normalise sequences from YAML lists to tuples (frozen dataclass: bypass __setattr__)
         for fname in ("image_mean", "image_std"):
             val = getattr(self, fname)
             if val is not None:
                 object.__setattr__(self, fname, tuple(float(x) for x in val))
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        """Records every problem of this config into ``p`` (``prefix.field: got field=value; ...``)."""
+
+        def bad(name: str, fix: str) -> None:
+            p.add(f"{prefix}.{name}", f"got {name}={getattr(self, name)!r}; {fix}")
+
+        if self.family not in FAMILIES:
+            bad("family", f"allowed values are {list(FAMILIES)}")
+        if self.precision not in get_args(Precision):
+            bad("precision", f"allowed values are {list(get_args(Precision))}")
+        allowed_pool = POOLINGS.get(self.family, get_args(Pooling))
+        if self.pooling not in allowed_pool:
+            bad("pooling", f"allowed values for family {self.family!r} are {list(allowed_pool)}")
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained.strip()):
+            bad("pretrained", "give a tag, a file or a directory, or None")
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0
+        ):
+            bad("image_size", "must be a positive int or None")
+        for name in ("image_mean", "image_std"):
+            val = getattr(self, name)
+            if val is None:
+                continue
+            if len(val) != 3 or not all(isinstance(x, (int, float)) for x in val):
+                bad(name, "must be 3 floats (one per RGB channel) or None")
+            elif name == "image_std" and any(x <= 0 for x in val):
+                bad(name, "every entry must be > 0")
+        if self.family == "openclip":
+            if not self.name:
+                bad("name", "give an OpenCLIP model name such as 'ViT-B-16'")
+            if self.hf_config is not None:
+                p.add(f"{prefix}.hf_config", "only used by families 'hf-vit' and 'hf-clip'; remove it")
+            if self.openclip_cfg is not None:
+                missing = [k for k in ("embed_dim", "vision_cfg") if k not in self.openclip_cfg]
+                if missing:
+                    p.add(f"{prefix}.openclip_cfg", f"missing keys {missing} (an OpenCLIP model config)")
+        elif self.family in FAMILIES and self.openclip_cfg is not None:
+            p.add(f"{prefix}.openclip_cfg", "only used by family 'openclip'; remove it")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -379,7 +379,9 @@ def attach_merged_adapter(backbone_or_model: Any, adapter_dir: str | Path) -> nn
         for s in sites
     ]
     width = stream_width(model, sites[0])
-    report: InjectionReport = inject_adapters(model, sites, dense_view(cfg), router=None, width=width)
+    report: InjectionReport = inject_adapters(
+        model, sites, dense_view(cfg), seed=cfg.train.seed, router=None, width=width
+    )
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     for row in report.rows:
         model.get_submodule(row["module"]).to(device)

@@ -125,7 +125,7 @@ def router_differences(router: Mapping[str, Any] | None, cfg: RunConfig) -> list
 # ---------------------------------------------------------------------------- MoSA partitions
 def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> list[str]:
     """Compares every MoSA layer's saved ``assign`` (and ``bias_assign``) with the seeded partition
-    (adapter.seed, the layer's name, adapter.mode, N) the config gives it."""
+    (train.seed, the layer's name, adapter.mode, N) the config gives it."""
     a = cfg.adapter
     out = []
     for p in layer_prefixes(state):
@@ -141,23 +141,23 @@ def partition_differences(state: Mapping[str, torch.Tensor], cfg: RunConfig) -> 
             continue
         saved = layer.assign
         try:
-            expected = weight_partition(dims, n, seed=a.seed, name=name, mode=a.mode)
+            expected = weight_partition(dims, n, seed=cfg.train.seed, name=name, mode=a.mode)
         except ValueError as e:
             out.append(f"{p}: {e}")
             continue
         if not torch.equal(saved.to(expected.dtype), expected):
             bad = int((saved.to(expected.dtype) != expected).sum())
             out.append(
-                f"{p}: partition differs in {bad} of {expected.numel()} entries from the one adapter.seed="
-                f"{a.seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)"
+                f"{p}: partition differs in {bad} of {expected.numel()} entries from the one train.seed="
+                f"{cfg.train.seed}, adapter.mode={a.mode!r}, N={n} give (the run used another seed, mode or N)"
             )
         has_split_bias = layer.bias_assign is not None
         if has_split_bias != a.split_bias and layer.biases is not None:
             out.append(f"{p}: adapter.split_bias: config {a.split_bias}, checkpoint {has_split_bias}")
         elif has_split_bias:
-            eb = bias_partition(dims[0], n, seed=a.seed, name=name)
+            eb = bias_partition(dims[0], n, seed=cfg.train.seed, name=name)
             if not torch.equal(layer.bias_assign.to(eb.dtype), eb):
-                out.append(f"{p}: bias partition differs from the one adapter.seed={a.seed}, N={n} give")
+                out.append(f"{p}: bias partition differs from the one train.seed={cfg.train.seed}, N={n} give")
     return out
 
 

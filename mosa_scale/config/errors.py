@@ -20,19 +20,30 @@ class ConfigError(ValueError):
 
 
 class Problems:
-    """Collects configuration problems so that all of them are reported in one error."""
+    """Collects configuration problems so that all of them are reported in one error.
+
+    Every config section checks itself this way: its ``validate_into(p, prefix=...)`` records each
+    problem as ``section.field: what was given; what is allowed``, and its ``__post_init__`` raises
+    them all at once (:meth:`raise_if_any`), so a bad section cannot be built, from YAML or in code.
+    """
 
     def __init__(self) -> None:
         self.items: list[str] = []
 
     def add(self, field: str, message: str) -> None:
+        """Records ``field: message``; ``field`` is the dotted key (``optim.lr``)."""
         self.items.append(f"{field}: {message}")
+
+    def positive(self, field: str, value: object) -> None:
+        """Records a problem unless ``value`` is a number > 0."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            self.add(field, f"got {value!r}; must be > 0")
 
     def choice(self, field: str, value: object, allowed: Iterable[object]) -> None:
         """Records a problem unless ``value`` is one of ``allowed``."""
         allowed = list(allowed)
         if value not in allowed:
-            self.add(field, f"got {value!r}; allowed values are {', '.join(repr(a) for a in allowed)}")
+            self.add(field, f"got {value!r}; allowed values are {allowed!r}")
 
     def unknown(self, field: str, known: Iterable[str]) -> None:
         """Records an unknown key, with a "did you mean" suggestion when one is close."""

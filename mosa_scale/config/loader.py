@@ -130,9 +130,23 @@ def build_dataclass(cls: type, data: Mapping[str, Any] | None, prefix: str, prob
         return cls(**kwargs)
     except ConfigError as e:
         problems.items.extend(e.problems)
+        # the section's own checks failed: build it again with those fields at their defaults, so
+        # that the cross-section checks still run (the problems recorded make the load fail)
+        bad = {_field_of(item, prefix) for item in e.problems}
+        try:
+            return cls(**{k: v for k, v in kwargs.items() if k not in bad})
+        except (ValueError, TypeError):
+            return None
     except (ValueError, TypeError) as e:
         problems.add(prefix or cls.__name__, str(e))
     return None
+
+
+def _field_of(problem: str, prefix: str) -> str:
+    """The field a ``prefix.field[.more]: message`` problem is about."""
+    key = problem.split(": ", 1)[0]
+    key = key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key
+    return key.split(".", 1)[0]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -11,13 +11,15 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mosa_scale.adapters.config import AdapterConfig
-from mosa_scale.backbones.base import BackboneConfig
+from mosa_scale.backbones.base import BackboneConfig, Precision
+from mosa_scale.backbones.head import HeadKind
 from mosa_scale.config.errors import Problems
 from mosa_scale.config.loader import build_dataclass, deep_merge, load_yaml, parse_overrides
 from mosa_scale.data.config import DataConfig, check_data_paths
+from mosa_scale.sparse.routing import Scope
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # settings whose one home is the run config; a ds_configs file must not carry them
@@ -33,12 +35,30 @@ RUN_OWNED = (
 )
 
 
+Inactive = Literal["skip", "coast"]  # optim.inactive, read by MoSAAdamW
+
+
+def _validated(section: Any, prefix: str) -> None:
+    """Raises every problem ``section.validate_into`` records, as one ConfigError."""
+    p = Problems()
+    section.validate_into(p, prefix=prefix)
+    p.raise_if_any()
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """Classification head: ``linear`` or ``zeroshot`` (CLIP towers, from class-name prompts)."""
 
-    kind: Literal["linear", "zeroshot"] = "linear"
+    kind: HeadKind = "linear"
     class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _validated(self, "head")
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        p.choice(f"{prefix}.kind", self.kind, get_args(HeadKind))
+        if self.kind == "zeroshot" and not self.class_names:
+            p.add(f"{prefix}.class_names", "'zeroshot' needs the class names for its prompts")
 
 
 @dataclass(frozen=True)
@@ -52,7 +72,7 @@ class OptimConfig:
     decay shrinks it)."""
 
     lr: float = 1e-3
-    inactive: Literal["skip", "coast"] = "skip"
+    inactive: Inactive = "skip"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
@@ -60,15 +80,32 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     clip_grad: float = 0.0
 
+    def __post_init__(self) -> None:
+        _validated(self, "optim")
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        """Records this section's problems; ``warmup_steps < train.steps`` is :func:`check_run`'s."""
+        p.positive(f"{prefix}.lr", self.lr)
+        p.choice(f"{prefix}.inactive", self.inactive, get_args(Inactive))
+        if self.warmup_steps < 0:
+            p.add(f"{prefix}.warmup_steps", f"got {self.warmup_steps}; must be >= 0")
+        if self.clip_grad < 0:
+            p.add(f"{prefix}.clip_grad", f"got {self.clip_grad}; must be >= 0 (0 = off)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.add(f"{prefix}.min_lr_ratio", f"got {self.min_lr_ratio}; must be in [0, 1]")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Steps, batch sizes (``global_batch = micro_batch x accumulation x world``), schedules."""
+    """Steps, batch sizes (``global_batch = micro_batch x accumulation x world``), schedules.
+
+    ``seed`` is the one run seed: MoSA partitions, adapter and head init, a random-init tower,
+    routing, dropout and the data order are all drawn from it."""
 
     steps: int = 100
     global_batch: int = 32
     micro_batch: int = 16
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     seed: int = 3407
     eval_every: int = 50
     eval_batches: int | None = None
@@ -80,10 +117,38 @@ class TrainConfig:
     zero_config: str = "ds_configs/zero2.json"
     run_dir: str = "runs/default"
 
+    def __post_init__(self) -> None:
+        _validated(self, "train")
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        """Records this section's problems; the batch arithmetic (it needs the world size) and the
+        ZeRO file are :func:`check_run`'s."""
+        for name in _POSITIVE_TRAIN:
+            p.positive(f"{prefix}.{name}", getattr(self, name))
+        p.choice(f"{prefix}.precision", self.precision, get_args(Precision))
+
+
+_POSITIVE_TRAIN = (
+    "steps",
+    "global_batch",
+    "micro_batch",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "max_bad_steps",
+)
+
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    scope: Literal["global", "rank"] = "global"
+    scope: Scope = "global"
+
+    def __post_init__(self) -> None:
+        _validated(self, "routing")
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        p.choice(f"{prefix}.scope", self.scope, get_args(Scope))
 
 
 @dataclass(frozen=True)
@@ -95,6 +160,13 @@ class ConsistencyConfig:
     hidden_blocks: int = 0
     hidden_weight: float = 0.01
     second_ce: bool = False
+
+    def __post_init__(self) -> None:
+        _validated(self, "consistency")
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        if self.hidden_blocks < 0:
+            p.add(f"{prefix}.hidden_blocks", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -113,58 +185,27 @@ class RunConfig:
 
 
 def check_run(cfg: RunConfig, world_size: int, p: Problems, *, files: bool = True) -> None:
-    """Cross-field checks: batch arithmetic, ranges, the ZeRO file; with ``files``, also the data
-    and backbone files this machine must have (shard paths and their index, the number of classes,
-    an OpenCLIP name, an HF ``config.json``). Sections that failed to build (None) are skipped so
-    the other sections' problems are still reported."""
+    """The checks no section can make alone (each section checked itself when it was built): batch
+    arithmetic for ``world_size``, the warm-up against the steps, a zero-shot head's backbone, the
+    ZeRO file; with ``files``, also the data and backbone files this machine must have (shard paths
+    and their index, the number of classes, an OpenCLIP name, an HF ``config.json``). Sections that
+    failed to build (None) are skipped so the other sections' problems are still reported."""
     t, o = cfg.train, cfg.optim
+    if t is not None:
+        _check_batches(t, world_size, p)
     if t is None or o is None or cfg.data is None or cfg.head is None or cfg.model is None:
-        if t is not None:
-            _check_batches(t, world_size, p)
         return
-    _check_batches(t, world_size, p)
-    if o.lr <= 0:
-        p.add("optim.lr", f"got {o.lr}; must be > 0")
-    if o.warmup_steps < 0 or o.warmup_steps >= max(t.steps, 1):
+    if o.warmup_steps >= max(t.steps, 1):
         p.add("optim.warmup_steps", f"got {o.warmup_steps}; must be in [0, train.steps={t.steps})")
-    if o.clip_grad < 0:
-        p.add("optim.clip_grad", f"got {o.clip_grad}; must be >= 0 (0 = off)")
-    if not 0 <= o.min_lr_ratio <= 1:
-        p.add("optim.min_lr_ratio", f"got {o.min_lr_ratio}; must be in [0, 1]")
-    lo, hi = cfg.data.crop_scale
-    if not 0 < lo <= hi <= 1:
-        p.add("data.crop_scale", f"got {cfg.data.crop_scale}; need 0 < min <= max <= 1")
-    if not 0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1]:
-        p.add("data.crop_ratio", f"got {cfg.data.crop_ratio}; need 0 < min <= max")
-    if cfg.data.workers < 0:
-        p.add("data.workers", f"got {cfg.data.workers}; must be >= 0")
-    if not 0 <= cfg.data.max_skip_rate <= 1:
-        p.add("data.max_skip_rate", f"got {cfg.data.max_skip_rate}; must be in [0, 1]")
     _check_zero_config(t.zero_config, p)
     if files:
         check_data_paths(cfg.data, p)
         _check_backbone_files(cfg.model, p)
     if cfg.head.kind == "zeroshot" and cfg.model.family != "openclip":
         p.add("head.kind", "'zeroshot' needs model.family 'openclip' (its text tower makes the head)")
-    if cfg.head.kind == "zeroshot" and not cfg.head.class_names:
-        p.add("head.class_names", "'zeroshot' needs the class names for its prompts")
-    if cfg.consistency.hidden_blocks < 0:
-        p.add("consistency.hidden_blocks", "must be >= 0")
 
 
 def _check_batches(t: TrainConfig, world_size: int, p: Problems) -> None:
-    for name in (
-        "steps",
-        "global_batch",
-        "micro_batch",
-        "eval_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "log_every",
-        "max_bad_steps",
-    ):
-        if getattr(t, name) <= 0:
-            p.add(f"train.{name}", f"got {getattr(t, name)}; must be > 0")
     if t.micro_batch > 0 and t.global_batch > 0 and t.global_batch % (t.micro_batch * world_size):
         p.add(
             "train.global_batch",
@@ -272,9 +313,29 @@ def run_config_from_plain(data: Mapping[str, Any]) -> RunConfig:
 def _build_sections(data: Mapping[str, Any], p: Problems) -> dict[str, Any]:
     """Each RunConfig section built from ``data``; unknown top-level keys and every section's
     problems recorded in ``p``."""
+    data = _read_legacy_seed(data, p)
     hints = typing.get_type_hints(RunConfig)
     sections = [f.name for f in dataclasses.fields(RunConfig)]
     for key in data:
         if key not in sections:
             p.unknown(key, sections)
     return {name: build_dataclass(hints[name], data.get(name), name, p) for name in sections}
+
+
+def _read_legacy_seed(data: Mapping[str, Any], p: Problems) -> Mapping[str, Any]:
+    """``adapter.seed``, the partition seed of configs written before ``train.seed`` became the one
+    run seed, is accepted when it equals the run seed (every recipe, run config.yaml and adapter
+    file of that time set both to the same value) and dropped; a different value is a problem:
+    this version seeds partitions and adapter init from ``train.seed``, so it cannot rebuild them."""
+    adapter, train = data.get("adapter"), data.get("train")
+    if not isinstance(adapter, Mapping) or "seed" not in adapter:
+        return data
+    run_seed = train.get("seed", TrainConfig.seed) if isinstance(train, Mapping) else TrainConfig.seed
+    if adapter["seed"] != run_seed:
+        p.add(
+            "adapter.seed",
+            f"got {adapter['seed']!r}, train.seed is {run_seed!r}; adapter.seed was removed: the run seed "
+            "train.seed also seeds the MoSA partitions and the adapter init. Remove adapter.seed (set "
+            "train.seed to its value to keep its partitions)",
+        )
+    return {**data, "adapter": {k: v for k, v in adapter.items() if k != "seed"}}

@@ -38,6 +38,23 @@ class DataConfig:
     max_skip_rate: float = 0.05
     allow_unindexed: bool = False
 
+    def __post_init__(self) -> None:
+        p = Problems()
+        self.validate_into(p, prefix="data")
+        p.raise_if_any()
+
+    def validate_into(self, p: Problems, *, prefix: str) -> None:
+        """Records this section's problems; the files it names are :func:`check_data_paths`'s."""
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            p.add(f"{prefix}.crop_scale", f"got {self.crop_scale}; need 0 < min <= max <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            p.add(f"{prefix}.crop_ratio", f"got {self.crop_ratio}; need 0 < min <= max")
+        if self.workers < 0:
+            p.add(f"{prefix}.workers", f"got {self.workers}; must be >= 0")
+        if not 0 <= self.max_skip_rate <= 1:
+            p.add(f"{prefix}.max_skip_rate", f"got {self.max_skip_rate}; must be in [0, 1]")
+
 
 def _local(spec: str) -> bool:
     return not spec.startswith(BUILTIN) and "://" not in spec and not spec.startswith(("pipe:", "file:"))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mosa_scale.data.plan import EpochPlan, mix_seed, plan_epoch, resume_point, round_robin
+from mosa_scale.data.plan import EpochPlan, plan_epoch, resume_point, round_robin
 from mosa_scale.data.reader import SkipCounts, resampled_samples, sequential_samples, shuffle_buffer
 from mosa_scale.data.spec import DataSpec, ShardSet, resolve_shards
 from mosa_scale.data.state import check_resume_state, make_state
@@ -34,6 +34,7 @@ from mosa_scale.data.transforms import (
     normalize,
     parse_label,
 )
+from mosa_scale.seeding import derive_seed
 
 __all__ = ["IGNORE_INDEX", "StreamLoader", "build_loader"]
 
@@ -89,7 +90,7 @@ class _EpochStream(IterableDataset):
     def _raw(self, worker: int, counts: SkipCounts) -> Iterator[dict[str, object]]:
         urls, sizes = self.shards.urls, self.shards.sizes
         if self.resampled:
-            rng = random.Random(mix_seed("resample", self.seed, self.epoch, self.rank, worker))
+            rng = random.Random(derive_seed("resample", self.seed, self.epoch, self.rank, worker, stream="data"))
             return resampled_samples(urls, sizes, rng, counts)
         mine = self.plan.worker_shards[worker]
         assert sizes is not None, "non-resampled plans need shard sizes"
@@ -99,7 +100,7 @@ class _EpochStream(IterableDataset):
         counts = SkipCounts()
         stream = self._raw(worker, counts)
         if self.buffer > 1:
-            rng = random.Random(mix_seed("buffer", self.seed, self.epoch, self.rank, worker))
+            rng = random.Random(derive_seed("buffer", self.seed, self.epoch, self.rank, worker, stream="data"))
             stream = shuffle_buffer(stream, self.buffer, rng)
         size, total, skip = self.batch_size, self.plan.worker_batches[worker], self.skip[worker]
         for _ in islice(stream, skip * size):  # resume: read but do not decode
@@ -132,7 +133,9 @@ class _EpochStream(IterableDataset):
                 logger.warning("skipping sample %s of shard %s: %s", keys[j], sample["__url__"], exn)
                 continue
             position = index * size + j  # position in this worker's stream: same on resume
-            rng = random.Random(mix_seed("augment", self.seed, self.epoch, self.rank, worker, position))
+            rng = random.Random(
+                derive_seed("augment", self.seed, self.epoch, self.rank, worker, position, stream="data")
+            )
             images[j] = self.transform(image, rng)
             labels[j], valid[j] = label, True
         pixels = normalize(images, self.mean, self.std)  # (B, 3, H, W) uint8 -> float32

@@ -7,35 +7,20 @@ arguments, so every rank computes the same plan without talking to the others.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mosa_scale.seeding import derive_seed
+
 __all__ = [
     "EpochPlan",
-    "mix_seed",
     "plan_epoch",
     "resume_point",
     "round_robin",
     "shard_order",
 ]
-
-
-def mix_seed(*parts: object) -> int:
-    """Hash any number of ints/strings into a 64-bit seed, identical in every process.
-
-    Python's `hash` is salted per process for strings, so a cryptographic hash is used instead.
-
-    Args:
-        *parts: Values whose `repr` defines the seed (for example seed, epoch, rank, worker).
-
-    Returns:
-        A non-negative integer below 2**64.
-    """
-    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -52,7 +37,7 @@ def shard_order(num_shards: int, *, seed: int, epoch: int, shuffle: bool) -> lis
     """
     order = list(range(num_shards))
     if shuffle:
-        random.Random(mix_seed("shards", seed, epoch)).shuffle(order)
+        random.Random(derive_seed("shards", seed, epoch, stream="data")).shuffle(order)
     return order
 
 

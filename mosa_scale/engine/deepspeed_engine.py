@@ -13,8 +13,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from mosa_scale.config.errors import ConfigError
-from mosa_scale.config.run import REPO_ROOT, RUN_OWNED, RunConfig
+from mosa_scale.config.run import REPO_ROOT, RunConfig
 from mosa_scale.engine.host_memory import return_freed_memory
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.optim.adamw import Fragment
@@ -71,22 +70,11 @@ def _unlink_shm_allreduce_buffer() -> None:
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: ZeRO settings from ``train.zero_config``, the rest from the run config.
-
-    Raises:
-        ConfigError: if the ZeRO file sets something the run config owns.
-    """
+    """The DeepSpeed config: ZeRO settings from ``train.zero_config``, the rest from the run config
+    (``load_run_config`` checked that the ZeRO file sets none of the settings the run config owns)."""
     path = Path(cfg.train.zero_config)
     path = path if path.is_file() else REPO_ROOT / path
     ds = json.loads(path.read_text())
-    clash = [k for k in RUN_OWNED if k in ds]
-    if clash:
-        raise ConfigError(
-            [
-                f"train.zero_config: {path.name} sets {', '.join(clash)}; these come from the run "
-                "config (train.*, optim.clip_grad), remove them from the DeepSpeed file"
-            ]
-        )
     t = cfg.train
     ds.update(
         train_batch_size=t.global_batch,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalResult:
-    """Top-1 overall and per class; ``logits``/``labels`` only when asked for."""
+    """Top-1 overall and per class (``correct`` of ``samples``); ``logits``/``labels`` only when asked for."""
 
     top1: float
     samples: int
     per_class: dict[int, dict[str, float]]
+    correct: int = 0
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,20 +88,42 @@ def evaluate(
     num_classes: int,
     device: str | torch.device = "cpu",
     max_batches: int | None = None,
+    drain: bool = True,
     keep_logits: bool = False,
+    probe: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
 ) -> EvalResult:
     """Top-1 and per-class accuracy of ``model`` over loader batches (slots with ``valid=False``
-    are padding and are not counted)."""
+    are padding and are not counted); the one evaluation loop, of the trainer and of the eval tool.
+
+    Args:
+        model: The classifier, already in the mode to evaluate (eval: merged MoSA weights).
+        batches: Loader batches (``image``, ``label``, optionally ``valid``).
+        num_classes: Classes of the head.
+        device: Where the images go.
+        max_batches: Evaluate only the first batches.
+        drain: After ``max_batches``, read the rest of ``batches`` without evaluating it (the
+            loader's readers end cleanly and its skip counts cover the split); the trainer stops
+            instead (every rank at the same batch, the rest of the split unread).
+        keep_logits: Return the logits and labels too.
+        probe: Called once, with the first batch's images and logits (on ``device``); the numbers
+            it returns go into ``extra`` (the trainer's merged-vs-stochastic gap).
+    """
     correct = torch.zeros(num_classes, dtype=torch.int64)
     total = torch.zeros(num_classes, dtype=torch.int64)
     all_logits, all_labels = [], []
+    extra: dict[str, Any] = {}
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
-            continue  # drain the loader so its readers end cleanly
+            if drain:
+                continue
+            break
         x = batch["image"].to(device)
         y = batch["label"]
         valid = batch["valid"] if "valid" in batch else y >= 0
-        logits = model(x).float().cpu()  # (B, C)
+        out = model(x)  # (B, C)
+        if probe is not None and i == 0:
+            extra.update(probe(x, out))
+        logits = out.float().cpu()
         y, pred = y[valid], logits[valid].argmax(-1)
         total += torch.bincount(y, minlength=num_classes)[:num_classes]
         correct += torch.bincount(y[pred == y], minlength=num_classes)[:num_classes]
@@ -117,8 +140,10 @@ def evaluate(
         top1=float(correct.sum()) / max(n, 1),
         samples=n,
         per_class=per_class,
+        correct=int(correct.sum()),
         logits=torch.cat(all_logits) if keep_logits and all_logits else None,
         labels=torch.cat(all_labels) if keep_logits and all_labels else None,
+        extra=extra,
     )
 
 

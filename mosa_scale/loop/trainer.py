@@ -33,6 +33,7 @@ from mosa_scale.engine.deepspeed_engine import (
     initialize,
     tower_shard,
 )
+from mosa_scale.eval import evaluate
 from mosa_scale.loop.metrics import MetricLogger
 from mosa_scale.loop.rundir import RunDirError, RunLock
 from mosa_scale.loss import HiddenCapture, consistency_loss
@@ -279,38 +280,41 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- eval
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Top-1 of the merged model over the validation shards (all ranks), and on the first batch
         the gap between the merged model and one stochastic training-mode pass."""
         if self.val_spec is None:
             return {}
         self.engine.module.eval()
-        correct = total = 0.0
-        gap = agree = 0.0
-        limit = self.cfg.train.eval_batches
-        for i, batch in enumerate(self._loader(train=False, epoch=0)):
-            if limit is not None and i >= limit:
-                break  # every rank stops at the same batch (equal batch counts per rank)
-            x, y = batch["image"].to(self.device), batch["label"].to(self.device)
-            valid = y != IGNORE_INDEX
-            logits = self.engine(x)
-            correct += float((logits.argmax(-1)[valid] == y[valid]).sum())
-            total += float(valid.sum())
-            if i == 0:
-                self.engine.module.train()
-                with torch.random.fork_rng(), self.router.use(self.router.plan(self.step, 0, PROBE_PASS)[self.rank]):
-                    stochastic = self.engine(x)
-                self.engine.module.eval()
-                gap = float((stochastic.float().softmax(-1) - logits.float().softmax(-1)).abs().sum(-1).mean())
-                agree = float((stochastic.argmax(-1) == logits.argmax(-1)).float().mean())
+        result = evaluate(
+            self.engine,
+            self._loader(train=False, epoch=0),
+            num_classes=self.num_classes,
+            device=self.device,
+            max_batches=self.cfg.train.eval_batches,
+            drain=False,  # every rank stops at the same batch (equal batch counts per rank)
+            probe=self._stochastic_gap,
+        )
         self.engine.module.train()
-        correct, total, gap, agree = all_reduce_sum([correct, total, gap, agree])
+        gap, agree = result.extra.get("l1", 0.0), result.extra.get("agree", 0.0)  # 0 on a rank without a batch
+        correct, total, gap, agree = all_reduce_sum([float(result.correct), float(result.samples), gap, agree])
         return {
             "top1": correct / max(total, 1.0),
             "eval_samples": total,
             "merged_vs_stochastic_l1": gap / self.world,
             "merged_vs_stochastic_agree": agree / self.world,
+        }
+
+    def _stochastic_gap(self, x: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+        """Mean L1 between the softmax of the merged model and of one stochastic training-mode
+        pass (the probe routing plan of this step), and how often their top-1 agree."""
+        self.engine.module.train()
+        with torch.random.fork_rng(), self.router.use(self.router.plan(self.step, 0, PROBE_PASS)[self.rank]):
+            stochastic = self.engine(x)
+        self.engine.module.eval()
+        return {
+            "l1": float((stochastic.float().softmax(-1) - logits.float().softmax(-1)).abs().sum(-1).mean()),
+            "agree": float((stochastic.argmax(-1) == logits.argmax(-1)).float().mean()),
         }
 
     # ---------------------------------------------------------------- checkpoints

@@ -54,7 +54,9 @@ def build_model(
             backbone = build_backbone(cfg.model, meta=meta, shard=shard)
             gen = torch.Generator().manual_seed(cfg.train.seed)
             head = build_head("linear", backbone.width, num_classes, generator=gen)
-    report = inject_adapters(backbone.model, backbone.sites, cfg.adapter, router=router, width=_stream_width(backbone))
+    report = inject_adapters(
+        backbone.model, backbone.sites, cfg.adapter, seed=cfg.train.seed, router=router, width=_stream_width(backbone)
+    )
     return AdaptedClassifier(backbone.model, head), backbone, report
 
 

@@ -25,16 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import torch
 
+from mosa_scale.config.run import Inactive
 from mosa_scale.optim.groups import build_param_groups, sparse_layers
 from mosa_scale.sparse.layout import BIASES, SLICES
 from mosa_scale.sparse.linear import SparseExpertLinear
 from mosa_scale.sparse.routing import Router, Window
-
-Inactive = Literal["skip", "coast"]
 
 
 class Fragment(NamedTuple):
@@ -116,8 +115,7 @@ class MoSAAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ) -> None:
-        if inactive not in ("skip", "coast"):
-            raise ValueError(f"optim.inactive: got {inactive!r}; allowed values are 'skip', 'coast'")
+        assert inactive in get_args(Inactive), inactive  # optim.inactive is checked when the config is loaded
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.router, self.inactive = router, inactive
         self.layers = [layers[r] for r in sorted(layers or {})]

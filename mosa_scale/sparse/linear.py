@@ -153,8 +153,7 @@ class SparseExpertLinear(nn.Module):
         router: Router,
     ) -> None:
         super().__init__()
-        if num_experts < 2:
-            raise ValueError(f"num_experts: got {num_experts}; a SparseExpertLinear needs N >= 2")
+        assert num_experts >= 2, num_experts  # a block with N = 1 gets a dense nn.Linear (adapters.factory)
         out_f, in_f = weight.shape
         self.in_features, self.out_features, self.num_experts = in_f, out_f, num_experts
         self.name, self.split_bias, self.has_bias = name, split_bias, bias

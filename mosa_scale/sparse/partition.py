@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+from typing import Literal, get_args
 
 import torch
 
 from mosa_scale.config.errors import Problems
+from mosa_scale.seeding import derive_seed
 
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from the string forms of ``parts``; identical on every process and machine."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+Mode = Literal["all", "row", "column"]
+MAX_EXPERTS = 127  # the partition is stored as int8
 
 
 def _bins(scores: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -25,7 +23,7 @@ def _bins(scores: torch.Tensor, num_experts: int) -> torch.Tensor:
     return out
 
 
-def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str, mode: str = "all") -> torch.Tensor:
+def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str, mode: Mode = "all") -> torch.Tensor:
     """Assigns every entry of a weight to one of N experts.
 
     Scores come from a generator seeded by (``seed``, ``name``) only, so the partition never
@@ -33,7 +31,7 @@ def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str,
 
     Args:
         shape: Weight shape, ``(out, in)`` or ``(out,)`` for a bias.
-        num_experts: N >= 1.
+        num_experts: N in 1..MAX_EXPERTS (checked here too: consolidation passes N read from a file).
         seed: Run seed.
         name: The parameter's qualified name.
         mode: ``all`` ranks all entries together; ``row`` / ``column`` rank within each row /
@@ -46,10 +44,10 @@ def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str,
         ValueError: on an unknown mode, N < 1, or N larger than the entries ranked together.
     """
     p = Problems()
-    p.choice("mode", mode, ("all", "row", "column"))
+    p.choice("mode", mode, get_args(Mode))
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        p.add("num_experts", f"got {num_experts}; must be in 1..{MAX_EXPERTS}")
     p.raise_if_any()
-    if num_experts < 1 or num_experts > 127:
-        raise ValueError(f"num_experts: got {num_experts}; must be in 1..127")
     if len(shape) == 1:
         mode = "all"
     mat = torch.Size(shape) if len(shape) == 2 else torch.Size((1, shape[0]))
@@ -59,7 +57,7 @@ def partition(shape: tuple[int, ...], num_experts: int, *, seed: int, name: str,
             f"num_experts: {num_experts} experts cannot split {name!r} of shape {tuple(shape)} in mode "
             f"{mode!r}: only {group} entries are ranked together; use fewer experts or another mode"
         )
-    gen = torch.Generator(device="cpu").manual_seed(stable_seed("partition", seed, name))
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed("partition", seed, name))
     scores = torch.rand(mat, generator=gen, dtype=torch.float64)
     if mode == "all":
         assign = _bins(scores.reshape(-1), num_experts).reshape(mat)

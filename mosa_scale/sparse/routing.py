@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.utils.checkpoint
 
-from mosa_scale.sparse.partition import stable_seed
+from mosa_scale.seeding import derive_seed
 
 SliceKey = tuple[int, int]  # (route id, expert)
+Scope = Literal["global", "rank"]  # routing.scope
 # the pass index of the evaluation's one stochastic probe: training uses passes 0 and 1 (the
 # consistency pass), so the probe's routing plan is never one a training forward used
 PROBE_PASS = 7
@@ -48,9 +49,8 @@ class Router:
         world_size: Data-parallel world size.
     """
 
-    def __init__(self, seed: int, scope: str = "global", rank: int = 0, world_size: int = 1) -> None:
-        if scope not in ("global", "rank"):
-            raise ValueError(f"routing.scope: got {scope!r}; allowed values are 'global', 'rank'")
+    def __init__(self, seed: int, scope: Scope = "global", rank: int = 0, world_size: int = 1) -> None:
+        assert scope in get_args(Scope), scope  # routing.scope is checked when the config is loaded
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.seed, self.scope, self.rank, self.world_size = seed, scope, rank, world_size
@@ -71,7 +71,7 @@ class Router:
         """Choices of every rank for one forward: (ranks, routes) int64, ranks = 1 under global."""
         routes = len(self.num_experts)
         rows = self.world_size if self.scope == "rank" else 1
-        gen = torch.Generator(device="cpu").manual_seed(stable_seed("route", self.seed, step, micro, pass_index))
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed("route", self.seed, step, micro, pass_index))
         u = torch.rand((rows, routes), generator=gen, dtype=torch.float64)
         n = torch.tensor(self.num_experts, dtype=torch.float64)
         choice = torch.floor(u * n).to(torch.int64)  # uniform over 0..N-1 per route

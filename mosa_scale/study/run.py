@@ -151,7 +151,7 @@ def train_and_evaluate(
     torch.manual_seed(run.seed)
     v = run.variant
     extra = dict(num_experts=v.num_experts, share=v.share) if v.num_experts > 1 else dict(num_experts=1)
-    adapter = AdapterConfig(bottleneck=bottleneck, seed=run.seed, **FAMILIES[run.family], **extra)
+    adapter = AdapterConfig(bottleneck=bottleneck, **FAMILIES[run.family], **extra)
     cfg = RunConfig(
         model=BackboneConfig(family="hf-vit", pretrained=str(tower), pooling="mean"),
         adapter=adapter,

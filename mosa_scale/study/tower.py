@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosa_scale.eval import evaluate
 from mosa_scale.study.tasks import Split
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,13 @@ def cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: Split, batch: int = 500) -> float:
     """Top-1 of ``model`` in eval mode (MoSA layers use merged weights there)."""
     model.eval()
-    correct = sum(
-        int((model(data.x[i : i + batch]).argmax(-1) == data.y[i : i + batch]).sum())
-        for i in range(0, len(data), batch)
-    )
+    batches = ({"image": data.x[i : i + batch], "label": data.y[i : i + batch]} for i in range(0, len(data), batch))
+    result = evaluate(model, batches, num_classes=int(data.y.max()) + 1)
     model.train()
-    return correct / len(data)
+    return result.correct / len(data)
 
 
 class Pretrain(nn.Module):

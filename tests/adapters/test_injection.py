@@ -22,6 +22,7 @@ def test_identity_at_init_and_frozen_backbone(method, n, fused):
         tower,
         tower.sites(),
         AdapterConfig(method=method, bottleneck=8, num_experts=n, share="none"),
+        seed=0,
         router=router,
         width=32,
     )
@@ -57,7 +58,7 @@ def test_identity_at_init_and_frozen_backbone(method, n, fused):
 def test_adapter_on_bf16_tower_keeps_fp32_parameters():
     tower = make_tower().to(torch.bfloat16)
     router = Router(seed=0)
-    inject_adapters(tower, tower.sites(), AdapterConfig(bottleneck=8, num_experts=4), router=router, width=32)
+    inject_adapters(tower, tower.sites(), AdapterConfig(bottleneck=8, num_experts=4), seed=0, router=router, width=32)
     assert all(p.dtype == torch.float32 for n, p in tower.named_parameters() if is_adapter_name(n))
     router.begin_step(0)
     with router.forward_pass():
@@ -69,9 +70,9 @@ def test_blocks_and_per_depth_experts():
     tower = make_tower(depth=3)
     router = Router(seed=0)
     cfg = AdapterConfig(bottleneck=8, num_experts=4, blocks=(0, 2), mosa_blocks=(2,), experts_per_block={2: 2})
-    report = inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    report = inject_adapters(tower, tower.sites(), cfg, seed=0, router=router, width=32)
     assert [r["block"] for r in report.rows] == [0, 2]
     assert report.rows[0]["split"] == [] and report.rows[1]["split"] == [("up", 2)]
     assert router.num_experts == [2]
     with pytest.raises(ValueError, match="blocks.*\\[5\\].*3 blocks"):
-        inject_adapters(make_tower(depth=3), tower.sites(), AdapterConfig(blocks=(5,)), router=router, width=32)
+        inject_adapters(make_tower(depth=3), tower.sites(), AdapterConfig(blocks=(5,)), seed=0, router=router, width=32)

@@ -119,8 +119,8 @@ def test_new_method_folder(side_method):
 
     frozen, tower = make_tower(), make_tower()
     model = Classifier(tower, 32)
-    router = Router(seed=cfg.seed)
-    report = inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    router = Router(seed=3407)
+    report = inject_adapters(tower, tower.sites(), cfg, seed=3407, router=router, width=32)
     assert [r["module"] for r in report.rows] == ["blocks.0.mlp.mosa_side", "blocks.1.mlp.mosa_side"]
     assert [r["split"] for r in report.rows] == [[("a", 2), ("b", 2)]] * 2
     state = tower.state_dict()
@@ -143,7 +143,9 @@ def test_new_method_folder(side_method):
     # merge: the MoSA state becomes a dense adapter of the same method, with the same eval output
     dense_tower = make_tower()
     dense = Classifier(dense_tower, 32)
-    inject_adapters(dense_tower, dense_tower.sites(), dataclasses.replace(cfg, num_experts=1), router=None, width=32)
+    inject_adapters(
+        dense_tower, dense_tower.sites(), dataclasses.replace(cfg, num_experts=1), seed=3407, router=None, width=32
+    )
     missing, unexpected = dense.load_state_dict(merge_state_dict(adapter_state_dict(model)), strict=False)
     assert not unexpected and not any(is_adapter_name(k) for k in missing)
     assert not sparse_layers(dense)

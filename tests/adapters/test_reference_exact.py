@@ -235,7 +235,7 @@ def test_param_groups_do_not_grow_with_depth_or_experts(depth, n):
     tower = make_tower(depth=depth)
     model = Classifier(tower, 32)
     cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=n, share="none", dropout=0.0)
-    inject_adapters(tower, tower.sites(), cfg, router=Router(seed=0), width=32)
+    inject_adapters(tower, tower.sites(), cfg, seed=0, router=Router(seed=0), width=32)
     groups = build_param_groups(model, weight_decay=WD)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     assert len(sparse_layers(model)) == (2 * depth if n > 1 else 0)

@@ -24,7 +24,7 @@ def test_trained_injection_is_undone(method, n, fused):
     types_before = {k: type(m) for k, m in modules_before.items()}
     router = Router(seed=0)
     cfg = AdapterConfig(method=method, bottleneck=8, num_experts=n, share="none")
-    inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    inject_adapters(tower, tower.sites(), cfg, seed=0, router=router, width=32)
     wrappers = [k for k, m in tower.named_modules() if isinstance(m, Wrapper)]
     assert wrappers
     # no hooks and no class swaps: every original module object keeps its class
@@ -55,7 +55,7 @@ def test_wrappers_share_the_frozen_tensors():
     tower = make_tower(fused=True)
     mha, qkv_weight = tower.blocks[0].attn, tower.blocks[0].attn.in_proj_weight
     inject_adapters(
-        tower, tower.sites(), AdapterConfig(method="lora", bottleneck=4, num_experts=1), router=None, width=32
+        tower, tower.sites(), AdapterConfig(method="lora", bottleneck=4, num_experts=1), seed=0, router=None, width=32
     )
     wrapper = tower.blocks[0].attn
     assert isinstance(wrapper, Wrapper) and wrapper.base_layer is mha

@@ -198,7 +198,7 @@ def train_once(kind: str, method: str, precision: str, sharded: bool) -> dict[st
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = RunConfig(
         model=TOWERS[kind],
-        adapter=AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none", dropout=0.0, seed=3),
+        adapter=AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none", dropout=0.0),
         train=TrainConfig(seed=5, precision=precision),
     )
     ds = ds_config(precision)

@@ -16,11 +16,13 @@ from mosa_scale.sparse import Router
 log = logging.getLogger(__name__)
 
 
-def adapted(cfg: BackboneConfig, adapter: AdapterConfig, seed: int = 0):
+def adapted(cfg: BackboneConfig, adapter: AdapterConfig, seed: int = 0, run_seed: int = 3407):
     torch.manual_seed(seed)
     backbone = build_backbone(cfg)
-    router = Router(seed=adapter.seed)
-    report = inject_adapters(backbone.model, backbone.sites, adapter, router=router, width=_stream_width(backbone))
+    router = Router(seed=run_seed)
+    report = inject_adapters(
+        backbone.model, backbone.sites, adapter, seed=run_seed, router=router, width=_stream_width(backbone)
+    )
     return backbone, router, report
 
 
@@ -109,6 +111,7 @@ def test_mosa_adapter_sizes_on_big_towers():
             backbone.model,
             backbone.sites,
             AdapterConfig(bottleneck=64, num_experts=4),
+            seed=0,
             router=router,
             width=_stream_width(backbone),
         )

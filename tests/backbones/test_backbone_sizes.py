@@ -127,6 +127,7 @@ def test_timm_tower_meta_counts_match_published(name: str) -> None:
             skeleton.model,
             skeleton.sites,
             AdapterConfig(method=method, bottleneck=64, num_experts=1),
+            seed=0,
             router=Router(seed=0),
             width=width,
         )

@@ -172,7 +172,7 @@ def _write_config(src: Path, dst: Path, **changes) -> Path:
     "changes,needles",
     [
         ({"adapter__bottleneck": 16}, ["adapter.bottleneck: run config.yaml 8, given 16", "shape(s) differ"]),
-        ({"adapter__seed": 11}, ["adapter.seed: run config.yaml 3407, given 11", "partition differs"]),
+        ({"train__seed": 11}, ["train.seed: run config.yaml 3407, given 11", "partition differs"]),
         ({"adapter__mode": "row"}, ["adapter.mode", "partition differs"]),
         ({"adapter__num_experts": 2}, ["adapter.num_experts: run config.yaml 4, given 2", "shape(s) differ"]),
     ],
@@ -192,10 +192,12 @@ def test_a_bare_checkpoint_folder_is_checked_against_its_tensors(zero_run, tmp_p
     tag = _tag_dir(zero_run(3))
     bare = tmp_path / tag.name
     shutil.copytree(tag, bare)
-    bad = _write_config(zero_run(3) / "config.yaml", tmp_path / "bad.yaml", adapter__seed=11)
+    bad = _write_config(zero_run(3) / "config.yaml", tmp_path / "bad.yaml", train__seed=11)
     with pytest.raises(CheckpointMismatch, match=r"partition differs in \d+ of 256 entries") as e:
         consolidate(bare, tmp_path / "out", config=bad)
-    assert len(e.value.differences) == 4  # the 4 split projections, nothing else
+    # the 4 split projections and the routing seed (train.seed seeds both), nothing else
+    assert len(e.value.differences) == 5
+    assert "train.seed: checkpoint routing seed 3407, config 11" in e.value.differences
     with pytest.raises(CheckpointError, match="pass --config"):
         consolidate(bare, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -92,7 +92,7 @@ def test_peft_export_loads_in_peft_and_gives_the_same_logits(tmp_path, family, n
     from peft import PeftModel
 
     mosa, merged = trained_adapter(
-        tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n, share="none", seed=SEED)
+        tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n, share="none")
     )
     x = pixels()
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_peft_export_loads_in_peft_and_gives_the_same_logits(tmp_path, family, n
 @pytest.mark.parametrize("family,n", LORA_CASES)
 def test_folded_lora_saved_as_a_plain_model_gives_the_same_logits(tmp_path, family, n):
     mosa, merged = trained_adapter(
-        tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n, share="none", seed=SEED)
+        tmp_path, family, AdapterConfig(method="lora", bottleneck=4, num_experts=n, share="none")
     )
     x = pixels()
     with torch.no_grad():
@@ -161,7 +161,7 @@ def attach_head(merged) -> torch.nn.Linear:
 
 def test_openclip_lora_folds_into_the_fused_in_projection(tmp_path):
     mosa, merged = trained_adapter(
-        tmp_path, "openclip", AdapterConfig(method="lora", bottleneck=4, num_experts=4, share="none", seed=SEED)
+        tmp_path, "openclip", AdapterConfig(method="lora", bottleneck=4, num_experts=4, share="none")
     )
     x = pixels()
     with torch.no_grad():
@@ -195,7 +195,7 @@ ATTACH_CASES = [
 @pytest.mark.parametrize("method,family,root", ATTACH_CASES)
 def test_attach_merged_adapter_into_an_unmodified_backbone(tmp_path, method, family, root):
     mosa, merged = trained_adapter(
-        tmp_path, family, AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none", seed=SEED)
+        tmp_path, family, AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none")
     )
     x = pixels()
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_attach_merged_adapter_into_an_unmodified_backbone(tmp_path, method, fam
 
 def test_attach_refuses_another_backbone_and_unmerged_states(tmp_path):
     mosa, merged = trained_adapter(
-        tmp_path, "hf-clip", AdapterConfig(method="parallel", bottleneck=8, num_experts=2, seed=SEED), steps=1
+        tmp_path, "hf-clip", AdapterConfig(method="parallel", bottleneck=8, num_experts=2), steps=1
     )
     with pytest.raises(ValueError, match="has no module"):
         attach_merged_adapter(fresh_backbone("openclip").model, merged)

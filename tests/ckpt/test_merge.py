@@ -14,11 +14,11 @@ from mosa_scale.sparse import Router
 log = logging.getLogger(__name__)
 
 
-def trained(cfg, steps=15, depth=1):
-    router = Router(seed=cfg.seed)
+def trained(cfg, steps=15, depth=1, seed=3407):
+    router = Router(seed=seed)
     tower = make_tower(depth=depth)
     model = Classifier(tower, 32)
-    inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    inject_adapters(tower, tower.sites(), cfg, seed=seed, router=router, width=32)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=2e-2)
     for step, (x, y) in enumerate(batches(steps)):
         router.begin_step(step)
@@ -65,6 +65,7 @@ def test_merge_of_up_only_split_equals_expected_output():
         dense_tower,
         dense_tower.sites(),
         AdapterConfig(method="parallel", bottleneck=8, num_experts=1, dropout=0.0),
+        seed=3407,
         router=None,
         width=32,
     )

@@ -88,7 +88,7 @@ def test_recipe_is_the_authors_recipe(path: Path):
     assert (a.method, a.mode, a.experts_per_block, a.mosa_blocks) == ("parallel", "all", {}, None)
     assert (o.betas, o.eps, o.weight_decay, o.min_lr_ratio, o.clip_grad) == ((0.9, 0.999), 1e-6, 0.01, 0.0, 0.0)
     assert o.inactive == "coast"  # the authors' PyTorch 1.11 update semantics
-    assert t.seed == a.seed == 3407
+    assert t.seed == 3407 and not hasattr(a, "seed")
     assert cfg.consistency.enabled and cfg.consistency.weight == 1.0
     # 100 epochs of batch 128 over the train split, 10 of them warm-up, evaluated every 10 epochs
     per_epoch = math.ceil(n_train / 128)

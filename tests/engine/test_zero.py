@@ -80,10 +80,8 @@ def reference(share: str, n: int, inactive: str, scope: str, world: int = 2):
     reference drifts ~3e-6 from any float32 run, dense parameters included: Adam amplifies the
     float32 rounding of tiny gradients. tests/adapters/test_reference_exact.py checks the semantics
     in float64 to 1e-9.)"""
-    cfg = AdapterConfig(
-        method="parallel", bottleneck=8, num_experts=n, share=share, split_bias=True, dropout=0.0, seed=3
-    )
-    model, ref, refs, _, _ = build_pair(cfg)
+    cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=n, share=share, split_bias=True, dropout=0.0)
+    model, ref, refs, _, _ = build_pair(cfg, seed=3)
     layers = sorted(sparse_layers(model).items(), key=lambda kv: kv[1].route_id)
     plans = Router(seed=3, scope=scope, world_size=world)
     plans.num_experts, plans.names = [m.num_experts for _, m in layers], [name for name, _ in layers]

@@ -33,10 +33,8 @@ def build(stage: int, experts: int, share: str, inactive: str, scope: str, rank:
     router = Router(seed=3, scope=scope, rank=rank, world_size=world)
     tower = make_tower()
     model = Classifier(tower, 32)
-    cfg = AdapterConfig(
-        method="parallel", bottleneck=8, num_experts=experts, share=share, split_bias=True, dropout=0.0, seed=3
-    )
-    inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    cfg = AdapterConfig(method="parallel", bottleneck=8, num_experts=experts, share=share, split_bias=True, dropout=0.0)
+    inject_adapters(tower, tower.sites(), cfg, seed=3, router=router, width=32)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=WD, lr=LR, eps=EPS, inactive=inactive)
     ds = {
         "train_batch_size": MICRO * world,

@@ -52,6 +52,7 @@ def build(family="hf-vit", method="parallel", experts=4, blocks=None):
             bb.model,
             bb.sites,
             AdapterConfig(method=method, bottleneck=R, num_experts=experts, dropout=0.0, blocks=blocks),
+            seed=0,
             router=router,
             width=D,
         )
@@ -136,6 +137,7 @@ def test_published_openclip_sizes_on_meta(name, gmacs):
         bb.model,
         bb.sites,
         AdapterConfig(method="parallel", bottleneck=64, num_experts=4),
+        seed=0,
         router=router,
         width=bb.model.visual.transformer.width,
     )

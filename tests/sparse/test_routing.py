@@ -66,16 +66,16 @@ def test_load_state_dict_refuses_another_run():
 def test_training_forward_outside_a_pass_is_an_error():
     router = Router(seed=0)
     tower = make_tower()
-    inject_adapters(tower, tower.sites(), AdapterConfig(bottleneck=8, num_experts=2), router=router, width=32)
+    inject_adapters(tower, tower.sites(), AdapterConfig(bottleneck=8, num_experts=2), seed=0, router=router, width=32)
     with pytest.raises(RuntimeError, match="forward_pass"):
         tower(torch.randn(2, 5, 16))
 
 
-def _grads(checkpoint_fn, cfg, backward_in_pass=False):
-    router = Router(seed=cfg.seed)
+def _grads(checkpoint_fn, cfg, backward_in_pass=False, seed=11):
+    router = Router(seed=seed)
     tower = make_tower()
     model = Classifier(tower, 32)
-    inject_adapters(tower, tower.sites(), cfg, router=router, width=32)
+    inject_adapters(tower, tower.sites(), cfg, seed=seed, router=router, width=32)
     if checkpoint_fn == "router":
         tower.checkpoint_fn = router.checkpoint
     elif checkpoint_fn == "plain":
@@ -97,7 +97,7 @@ def _grads(checkpoint_fn, cfg, backward_in_pass=False):
 
 
 def test_activation_checkpointing_replays_the_experts():
-    cfg = AdapterConfig(bottleneck=8, num_experts=4, share="none", dropout=0.1, seed=11)
+    cfg = AdapterConfig(bottleneck=8, num_experts=4, share="none", dropout=0.1)
     plain = _grads(None, cfg)
     ckpt = _grads("router", cfg)
     assert plain.keys() == ckpt.keys() and len(plain) > 10
