@@ -44,6 +44,9 @@ def test_sigint_in_the_middle_of_a_shard_leaves_no_file(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell that starts jobs in the background ignores SIGINT in them, and Python then never
+        # turns it into KeyboardInterrupt: give the tool the default, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     stopped_mid_shard = False
     deadline = time.time() + 120
