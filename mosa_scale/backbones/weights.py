@@ -14,8 +14,6 @@ embedding resize), and errors name the tensor and the file.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import math
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from mosa_scale.backbones.construct import ShardHooks
+from mosa_scale.host_memory import drop_file_pages
 
 logger = logging.getLogger(__name__)
 
@@ -199,30 +198,6 @@ class SafetensorsReader(CheckpointReader):
         self._headers.clear()
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Lets the kernel take back the pages of a read-only file mapping that ``t`` was read from (they
-    stay in the page cache and fault in again if touched); a no-op where ``madvise`` is missing."""
-    if t.numel() == 0:
-        return
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-    begin = t.data_ptr() // page * page
-    end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
-    madvise = getattr(_libc(), "madvise", None)
-    if madvise is not None:
-        madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_DONTNEED)
-
-
-MADV_DONTNEED = 4
-
-
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
 class TorchReader(CheckpointReader):
     """A PyTorch checkpoint opened with ``mmap=True``: tensors are read when touched.
 
@@ -246,7 +221,7 @@ class TorchReader(CheckpointReader):
             return t
         out = t.clone()
         if t.is_contiguous():
-            _drop_pages(t)
+            drop_file_pages(t)
         return out
 
     def read(self, key: str) -> torch.Tensor:

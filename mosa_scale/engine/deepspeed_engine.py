@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mosa_scale.config.run import REPO_ROOT, RunConfig
-from mosa_scale.engine.host_memory import return_freed_memory
+from mosa_scale.host_memory import return_freed_memory
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.optim.adamw import Fragment
 from mosa_scale.sparse import SparseExpertLinear
@@ -30,7 +30,7 @@ def world_from_env() -> tuple[int, int, int]:
 def init_distributed() -> None:
     """Starts the process group (gloo on CPU, nccl on GPU); plain ``python`` gets a 1-rank group.
 
-    Also makes freed host memory go back to the system (:mod:`mosa_scale.engine.host_memory`), before
+    Also makes freed host memory go back to the system (:mod:`mosa_scale.host_memory`), before
     the tower is built, so each rank's resident size follows what it holds.
     """
     if dist.is_initialized():

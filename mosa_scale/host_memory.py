@@ -1,4 +1,5 @@
-"""Host memory that is freed goes back to the system (glibc's allocator otherwise keeps it).
+"""Host memory that is freed goes back to the system (glibc's allocator otherwise keeps it), and
+file pages read once are handed back.
 
 Under ZeRO-3 every frozen tower parameter is gathered into a fresh buffer before its module runs
 and freed after; construction and loading do the same one module at a time. glibc serves a
@@ -14,14 +15,30 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import mmap
 import os
+from typing import Any
+
+import torch
 
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 DEFAULT_THRESHOLD = 1 << 20  # 1 MiB: a tower parameter is larger, small tensors stay on the heap
 ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own setting: when it is set, the user chose; leave it
+MADV_DONTNEED = 4  # madvise advice (sys/mman.h)
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library, loaded once (``find_library`` runs a subprocess); None where it is missing."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 def return_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
@@ -34,11 +51,7 @@ def return_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """
     if os.environ.get(ENV):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
@@ -46,3 +59,15 @@ def return_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     if ok:
         log.debug("allocations of %d bytes and more are mapped and returned when freed", threshold)
     return ok
+
+
+def drop_file_pages(t: torch.Tensor) -> None:
+    """Lets the kernel take back the pages of a read-only file mapping that ``t`` was read from (they
+    stay in the page cache and fault in again if touched); a no-op where ``madvise`` is missing."""
+    madvise = getattr(libc(), "madvise", None)
+    if t.numel() == 0 or madvise is None:
+        return
+    page = mmap.PAGESIZE
+    begin = t.data_ptr() // page * page
+    end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
+    madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), MADV_DONTNEED)

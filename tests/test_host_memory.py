@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mosa_scale.engine.host_memory import ENV, return_freed_memory
+from mosa_scale.host_memory import ENV, return_freed_memory
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator"
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 # parameters sit between activations and optimizer state), and prints how much stayed resident.
 CHILD = r"""
 import sys, torch
-from mosa_scale.engine.host_memory import return_freed_memory
+from mosa_scale.host_memory import return_freed_memory
 if sys.argv[1] == "1":
     assert return_freed_memory()
 def anon():
