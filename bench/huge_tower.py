@@ -9,9 +9,9 @@ Each part runs in its own processes, so each peak is its own:
     python bench/huge_tower.py --model ViT-bigG-14 --image-size 56
 
 Adapter: parallel, r 64, N 4 (share down); fp32 adapters on the bf16 tower; ZeRO-3 settings from
-``ds_configs/zero3.json``. Time predictions use this machine's measured bf16 matmul rate and
-all-gather bandwidth; memory predictions add each rank's resident size after start-up
-(libraries) to the planner's bytes.
+``--zero-config`` (default ``ds_configs/zero3.json``). Time predictions use this machine's
+measured bf16 matmul rate and all-gather bandwidth; memory predictions add each rank's resident
+size after start-up (libraries) to the planner's bytes.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def run_config(args: argparse.Namespace, pretrained: str | None):
         adapter=AdapterConfig(method="parallel", bottleneck=64, num_experts=4, share="down"),
         data=DataConfig(image_size=args.image_size),
         train=TrainConfig(
-            micro_batch=args.micro, global_batch=2 * args.micro, precision="fp32", zero_config="ds_configs/zero3.json"
+            micro_batch=args.micro, global_batch=2 * args.micro, precision="fp32", zero_config=args.zero_config
         ),
     )
 
@@ -238,6 +238,8 @@ def launch(args: argparse.Namespace, part: str, out: str) -> None:
         str(args.image_size),
         "--micro",
         str(args.micro),
+        "--zero-config",
+        args.zero_config,
     ]
     env = repo_env(REPO, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     try:
@@ -252,6 +254,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=56)
     ap.add_argument("--micro", type=int, default=1)
     ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--zero-config", default="ds_configs/zero3.json", help="the ZeRO-3 settings (a DeepSpeed JSON)")
     ap.add_argument("--ckpt", default=None, help="where to write the checkpoint (default: a temporary directory)")
     ap.add_argument("--keep-ckpt", action="store_true")
     ap.add_argument("--shard-gb", type=float, default=1.0)
@@ -285,7 +288,7 @@ def main() -> None:
             "image_size": args.image_size,
             "micro_batch": args.micro,
             "adapter": "parallel r64 N4",
-            "zero_config": "ds_configs/zero3.json",
+            "zero_config": args.zero_config,
             "matmul_gflops_per_rank": gflops,
         }
         parts = args.parts.split(",")

@@ -12,12 +12,14 @@ autograd saves, and the order in which modules run forward and backward. Per GPU
   (saved activations, temporaries, activation gradients; all passes; with activation
   checkpointing the block inputs plus one recomputed block), tracked allocation by allocation;
   under ZeRO-3, with DeepSpeed's memory-efficient linear, which keeps every linear's input;
-* ZeRO 1-2 gradient bucket (``reduce_bucket_size`` elements, allocated whole);
+* the gradient bucket (``reduce_bucket_size`` elements, allocated whole: ZeRO 1-2 in the step,
+  ZeRO-3 once per gradient dtype when the engine starts, both with ``contiguous_gradients``);
 * ZeRO-3 working set: parameters gathered at the same time, replaying DeepSpeed's rule (a
   module's own parameters are gathered at its forward, at its backward when its output gets a
   gradient, and at its recompute; they are freed after use unless used again within
   ``stage3_max_reuse_distance`` elements; parameters up to ``stage3_param_persistence_threshold``
-  elements stay whole);
+  elements stay whole), plus up to ``stage3_prefetch_bucket_size`` elements of the tower
+  gathered ahead (an upper bound: DeepSpeed prefetches from the second step on);
 * a constant runtime overhead (CUDA context, allocator slack, communication buffers).
 
 Communication per step: ZeRO-3 tower and adapter gathers (bytes of the gathered tensors,
@@ -54,6 +56,7 @@ ZERO_DEFAULTS = {
     "stage3_max_reuse_distance": 1_000_000_000,
     "stage3_param_persistence_threshold": 100_000,
     "reduce_bucket_size": 500_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
     "contiguous_gradients": True,
     "memory_efficient_linear": True,
 }
@@ -279,8 +282,8 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
     knob = {**ZERO_DEFAULTS, **zero}
     linear_saves = stage == 3 and bool(knob["memory_efficient_linear"]) and m.trace_zero3 is not None
     act = (m.trace_zero3 if linear_saves else m.trace).peak_bytes  # type: ignore[union-attr]
-    gathered = persistent = buffers = 0
-    if stage in (1, 2) and knob["contiguous_gradients"]:  # DeepSpeed's gradient bucket, allocated whole
+    gathered = persistent = buffers = prefetch = 0
+    if stage > 0 and knob["contiguous_gradients"]:  # DeepSpeed's gradient bucket, allocated whole
         buffers = int(knob["reduce_bucket_size"]) * pb
     comm: dict[str, float] = {}
     if stage == 3:
@@ -291,6 +294,8 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
             persistence_threshold=int(knob["stage3_param_persistence_threshold"]),
         )
         gathered, persistent = z["peak_gathered_bytes"], z["persistent_bytes"]
+        tower_elem = max((b for _, b in m.tower), default=0)
+        prefetch = min(int(knob["stage3_prefetch_bucket_size"]), sum(n for n, _ in m.tower)) * tower_elem
         comm.update(
             gather_calls_per_micro_batch=z["gather_calls"],
             gather_bytes=z["gather_bytes"] * gas,
@@ -317,6 +322,7 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
         "activations": act,
         "zero_buffers": buffers,
         "zero3_gathered": gathered,
+        "zero3_prefetch": prefetch,
         "zero3_persistent": persistent,
         "overhead": hw.overhead_gib * GIB,
     }

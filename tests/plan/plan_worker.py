@@ -146,7 +146,10 @@ def run(name: str, rank: int, world: int) -> dict:
         flat = inner.fp32_partitioned_groups_flat if stage == 3 else inner.single_partition_of_fp32_groups
         master = tensor_bytes(flat)
         state = tensor_bytes(list(inner.optimizer.state.values()))
+    # ZeRO-3 allocates its gradient bucket when the engine starts (stages 1-2: in the step)
+    buckets = engine.optimizer.ipg_buckets.values() if stage == 3 else ()
     out.update(
+        grad_bucket_bytes=sum(tensor_bytes(b.buffer) for b in buckets),
         tower_bytes=sum(held(p) for p in params if not p.requires_grad),
         adapter_param_bytes=sum(held(p) for p in params if p.requires_grad),
         fp32_master_bytes=master,

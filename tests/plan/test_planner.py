@@ -96,7 +96,11 @@ def test_memory_within_15_percent(measured, predicted, name):
         )
         want = mem["tower"] + mem["adapter_params"] + mem["gradients"] + mem["fp32_master"] + mem["optimizer_state"]
         assert abs(states / want - 1) < 0.15, (states, want)
-        step = mem["activations"] + mem["zero_buffers"] + mem["zero3_gathered"]  # the step's peak above the states
+        # the gradient bucket: allocated whole when a ZeRO-3 engine starts, in the step below stage 3
+        zero3 = CASES[name]["stage"] == 3
+        assert m["grad_bucket_bytes"] == (mem["zero_buffers"] if zero3 else 0)
+        step = mem["activations"] + mem["zero3_gathered"] + mem["zero3_prefetch"]  # the step's peak above the states
+        step += 0 if zero3 else mem["zero_buffers"]
         assert abs(m["step_peak_bytes"] / step - 1) < 0.15, (m["step_peak_bytes"], step)
 
 
