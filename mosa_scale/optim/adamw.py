@@ -22,9 +22,10 @@ step, so they are identical everywhere and are saved with the model.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, get_args
 
 import torch
@@ -62,6 +63,21 @@ class _Runs:
     numel: int
     lengths_t: torch.Tensor  # (R,) int64
     slots_t: torch.Tensor  # (R,) int64
+    _pieces: dict[int, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+
+    def pieces(self, numel: int) -> list[tuple[int, int, int, int]]:
+        """Consecutive runs grouped into pieces of at most ``numel`` elements (a longer run alone):
+        ``(first run, end run, first element, elements)`` each, in order, covering the tensor."""
+        if numel not in self._pieces:
+            out, r0, start = [], 0, 0
+            for r, length in enumerate(self.lengths):
+                size = self.starts[r] - start
+                if r > r0 and size + length > numel:
+                    out.append((r0, r, start, size))
+                    r0, start = r, self.starts[r]
+            out.append((r0, len(self.lengths), start, self.numel - start))
+            self._pieces[numel] = out
+        return self._pieces[numel]
 
 
 def _adamw_(
@@ -199,7 +215,7 @@ class MoSAAdamW(torch.optim.Optimizer):
         if pos < numel:
             lengths.append(numel - pos)
             slots.append(-1)
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         return _Runs(
             starts,
             lengths,
@@ -301,8 +317,10 @@ class MoSAAdamW(torch.optim.Optimizer):
         return loss
 
     # stepped runs of a tensor up to which each is updated on its own view (exactly torch's scalar
-    # AdamW); more go through one masked, vectorised update over the whole tensor
+    # AdamW); more go through one masked, vectorised update, piece by piece
     loop_runs = 4
+    # elements per piece of the masked update (whole runs; a longer run is a piece of its own)
+    piece_numel = 1 << 20
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if p.grad.is_sparse:
@@ -348,7 +366,9 @@ class MoSAAdamW(torch.optim.Optimizer):
         dense_step: float,
     ) -> None:
         """The same update for many runs at once: per-element bias corrections, elements of runs
-        that do not step kept bit-identical."""
+        that do not step kept bit-identical. It goes piece by piece (whole runs, about
+        ``piece_numel`` elements each), so its temporaries are a few pieces' worth, not a few
+        copies of the tensor (under ZeRO a rank's whole flat partition)."""
         lr, wd, b1, b2, eps = hyper
         stepped_slots, counts = self._slot_state(p.device)
         slots, lengths = runs.slots_t.to(p.device), runs.lengths_t.to(p.device)
@@ -357,25 +377,31 @@ class MoSAAdamW(torch.optim.Optimizer):
         stepped = torch.where(is_slice, stepped_slots[idx], True)  # (R,) dense runs always step
         count = torch.where(is_slice, counts[idx], dense_step)
         count = torch.where(stepped, count, 1.0)  # (R,) float64 bias-correction steps
+        step_size = (lr / (1 - torch.pow(b1, count))).to(p.dtype)  # (R,)
+        bc2_sqrt = torch.sqrt(1 - torch.pow(b2, count)).to(p.dtype)  # (R,)
+        decay = torch.where(stepped, torch.full_like(count, 1 - lr * wd), 1.0).to(p.dtype)  # (R,)
+        every = bool(stepped.all())
+        flat = [t.view(-1) for t in (p, g, m, v)]
+        for r0, r1, start, n in runs.pieces(self.piece_numel):
 
-        def per_element(x: torch.Tensor) -> torch.Tensor:  # (R,) -> p's shape
-            return torch.repeat_interleave(x, lengths, output_size=runs.numel).reshape(p.shape)
+            def per_element(x: torch.Tensor) -> torch.Tensor:  # (R,) -> the piece's (n,)
+                return torch.repeat_interleave(x[r0:r1], lengths[r0:r1], output_size=n)  # noqa: B023
 
-        step_size = per_element((lr / (1 - torch.pow(b1, count))).to(p.dtype))
-        bc2_sqrt = per_element(torch.sqrt(1 - torch.pow(b2, count)).to(p.dtype))
-        if bool(stepped.all()):
-            p.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(step_size.mul_(m).div_((v.sqrt() / bc2_sqrt).add_(eps)))
-            return
-        # only the stepped runs change; every other element (value, moments) stays bit-identical
-        mask = per_element(stepped)
-        m.copy_(torch.where(mask, torch.lerp(m, g, 1 - b1), m))
-        v.copy_(torch.where(mask, (v * b2).addcmul_(g, g, value=1 - b2), v))
-        new = p * per_element(torch.where(stepped, torch.full_like(count, 1 - lr * wd), 1.0).to(p.dtype))
-        new.sub_(step_size.mul_(m).div_((v.sqrt() / bc2_sqrt).add_(eps)))
-        p.copy_(torch.where(mask, new, p))
+            pp, gg, mm, vv = (t.narrow(0, start, n) for t in flat)
+            size, bc2 = per_element(step_size), per_element(bc2_sqrt)
+            if every:
+                pp.mul_(1 - lr * wd)
+                mm.lerp_(gg, 1 - b1)
+                vv.mul_(b2).addcmul_(gg, gg, value=1 - b2)
+                pp.sub_(size.mul_(mm).div_((vv.sqrt() / bc2).add_(eps)))
+                continue
+            # only the stepped runs change; every other element (value, moments) stays bit-identical
+            mask = per_element(stepped)
+            mm.copy_(torch.where(mask, torch.lerp(mm, gg, 1 - b1), mm))
+            vv.copy_(torch.where(mask, (vv * b2).addcmul_(gg, gg, value=1 - b2), vv))
+            new = pp * per_element(decay)
+            new.sub_(size.mul_(mm).div_((vv.sqrt() / bc2).add_(eps)))
+            pp.copy_(torch.where(mask, new, pp))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
