@@ -113,19 +113,23 @@ def worker(args: argparse.Namespace) -> None:
     out["initialize_s"] = time.perf_counter() - t0
     out["initialize_peak_rss"], out["after_initialize_rss"] = rss()["VmHWM"], new_peak()
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.micro, 3, args.image_size, args.image_size, generator=g)
-    y = torch.randint(args.classes, (args.micro,), generator=g)
-    dist.barrier()
-    t0 = time.perf_counter()
-    router.begin_step(0)
-    with router.forward_pass():
-        loss = F.cross_entropy(engine(x), y)
-    engine.backward(loss)
-    engine.step()
-    dist.barrier()
-    out["step_s"] = time.perf_counter() - t0
-    out["step_peak_rss"] = rss()["VmHWM"]
-    out["loss"] = float(loss)
+    for step in range(2):  # the first step records DeepSpeed's trace; prefetch and reuse start in the second
+        x = torch.randn(args.micro, 3, args.image_size, args.image_size, generator=g)
+        y = torch.randint(args.classes, (args.micro,), generator=g)
+        dist.barrier()
+        t0 = time.perf_counter()
+        router.begin_step(step)
+        with router.forward_pass():
+            loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        dist.barrier()
+        key = "step" if step == 0 else "second_step"
+        out[f"{key}_s"] = time.perf_counter() - t0
+        out[f"{key}_peak_rss"] = rss()["VmHWM"]
+        out[f"{key}_loss"] = float(loss)
+        new_peak()
+    out["loss"] = out.pop("step_loss")
     Path(args.out, f"{args.part}_rank{rank}.json").write_text(json.dumps(out))
 
 
@@ -336,6 +340,7 @@ def main() -> None:
                         "build_peak_rss_gb_predicted": (base + max(pred["build_bytes"], pred["load_bytes"])) / GB,
                         "initialize_peak_rss_gb": r["initialize_peak_rss"] / GB,
                         "step_peak_rss_gb": r["step_peak_rss"] / GB,
+                        "second_step_peak_rss_gb": r["second_step_peak_rss"] / GB,
                         "step_peak_rss_gb_predicted": (base + pred["step_bytes"]) / GB,
                         "tower_partition_gb": r["tower_partition_bytes"] / GB,
                         "build_s": r["build_s"],
@@ -343,6 +348,7 @@ def main() -> None:
                         "bytes_read_gb": (r["bytes_read"] or 0) / GB,
                         "initialize_s": r["initialize_s"],
                         "step_s": r["step_s"],
+                        "second_step_s": r["second_step_s"],
                         "step_s_predicted": pred["step_s"],
                         "loss": r["loss"],
                         "allgather_gbs": r["allgather_gbs"],
@@ -352,7 +358,9 @@ def main() -> None:
         budget = pred["tower_params"] * 2 / 2 / GB + 1.5
         result["budget_gb_per_rank"] = budget
         result["within_budget"] = all(
-            r["step_peak_rss_gb"] <= budget and r["build_peak_rss_gb"] <= budget for p in parts for r in result[p]
+            max(r["build_peak_rss_gb"], r["step_peak_rss_gb"], r["second_step_peak_rss_gb"]) <= budget
+            for p in parts
+            for r in result[p]
         )
         print(json.dumps(result, indent=1))
     finally:
