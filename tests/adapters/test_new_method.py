@@ -12,11 +12,11 @@ from tiny_models import Classifier, batches, make_tower
 
 from mosa_scale.adapters import (
     AdapterConfig,
+    catalog,
     discover_methods,
     inject_adapters,
     is_adapter_name,
     registered_methods,
-    registry,
     remove_adapters,
 )
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict
@@ -101,7 +101,7 @@ def side_method(tmp_path, monkeypatch):
     for name, text in FOLDER.items():
         (folder / name).write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the method is forgotten afterwards
+    monkeypatch.setattr(catalog, "_METHODS", dict(catalog._METHODS))  # the method is forgotten afterwards
     yield builtin, discover_methods("mosa_test_methods")
     for name in [m for m in sys.modules if m.split(".")[0] == "mosa_test_methods"]:
         del sys.modules[name]
