@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_models import Classifier, batches, make_tower
+from train_util import train_steps
 
 from mosa_scale.adapters import (
     AdapterConfig,
@@ -130,12 +130,7 @@ def test_new_method_folder(side_method):
 
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=2e-2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for step, (x, y) in enumerate(batches(4)):
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, batches(4))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert any(".mosa_side.a." in k for k in changed) and any(".mosa_side.b." in k for k in changed)
     assert all(is_adapter_name(k) for k in changed)
