@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mosa_scale.loop", "mosa_scale.plan", "mosa_scale.sweep", "mosa_scale.study"),
 ]
 # function-level imports of the package's own modules that are there on purpose
-DEFERRED = {("mosa_scale.adapters.config", "mosa_scale.adapters.registry")}
+DEFERRED: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> int:

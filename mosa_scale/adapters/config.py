@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from mosa_scale.adapters.catalog import config_classes, registered_methods
 from mosa_scale.config.errors import Problems
 from mosa_scale.sparse.partition import MAX_EXPERTS, Mode
 
@@ -60,8 +61,6 @@ class AdapterConfig:
         return object.__new__(cls)
 
     def __post_init__(self) -> None:
-        from mosa_scale.adapters.registry import registered_methods
-
         p = Problems()
         self.validate_into(p, prefix="adapter", methods=registered_methods())
         expected = _method_class(self.method)
@@ -108,8 +107,6 @@ class AdapterConfig:
         A key of another method is a problem, except at that method's default: configs written
         before the per-method classes carry every method's fields (``lora_targets: [q, v]``).
         """
-        from mosa_scale.adapters.registry import config_classes
-
         classes = config_classes()
         method = data.get("method", DEFAULT_METHOD)
         chosen = _method_class(method)
@@ -129,8 +126,6 @@ class AdapterConfig:
 
 
 def _method_class(method: object) -> type[AdapterConfig]:
-    from mosa_scale.adapters.registry import config_classes
-
     return config_classes().get(method, AdapterConfig) if isinstance(method, str) else AdapterConfig
 
 

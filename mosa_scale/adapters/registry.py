@@ -1,18 +1,14 @@
-"""Registry of adapter methods, found by discovery: a method is one folder (a subpackage) that
-calls :func:`register_method` when imported (peft ``tuners/<method>/``).
-
-The built-in methods are the subpackages of :mod:`mosa_scale.adapters`; another package's method
-folders are added with :func:`discover_methods`.
+"""Registry of adapter methods: a method folder calls :func:`register_method` when imported (peft
+``tuners/<method>/``); the table and its discovery are :mod:`mosa_scale.adapters.catalog`.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from torch import nn
 
+from mosa_scale.adapters.catalog import Method, check_name_free, enter, find_method
 from mosa_scale.adapters.config import AdapterConfig
 
 if TYPE_CHECKING:
@@ -20,7 +16,7 @@ if TYPE_CHECKING:
     from mosa_scale.backbones.base import BlockSites
 
 
-class AdapterMethod(Protocol):
+class AdapterMethod(Method, Protocol):
     """What a method folder provides: its name, its config class and how it wraps one block."""
 
     name: str
@@ -35,66 +31,21 @@ class AdapterMethod(Protocol):
         ...
 
 
-_METHODS: dict[str, AdapterMethod] = {}
-_BUILTIN = "mosa_scale.adapters"
-_builtin_found = False
-
-
 def register_method(method: AdapterMethod) -> AdapterMethod:
     """Registers ``method`` under ``method.name`` (called by the method folder's ``__init__``).
 
     Raises:
         ValueError: if the name is taken or the config class is not an :class:`AdapterConfig`.
     """
-    if method.name in _METHODS and _METHODS[method.name] is not method:
-        raise ValueError(f"adapter method {method.name!r} is already registered")
+    check_name_free(method)
     if not (isinstance(method.config_class, type) and issubclass(method.config_class, AdapterConfig)):
         raise ValueError(f"adapter method {method.name!r}: config_class must subclass AdapterConfig")
-    _METHODS[method.name] = method
+    enter(method)
     return method
-
-
-def discover_methods(package: str) -> list[str]:
-    """Imports every subpackage of ``package`` (a regular or namespace package: a folder on the
-    import path), each a method folder that registers itself.
-
-    Returns:
-        The names of all registered methods afterwards.
-    """
-    pkg = importlib.import_module(package)
-    for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
-        if info.ispkg:
-            importlib.import_module(info.name)
-    return sorted(_METHODS)
-
-
-def _discover_builtin() -> None:
-    global _builtin_found
-    if not _builtin_found:
-        _builtin_found = True  # first, so that a method folder importing the registry does not recurse
-        try:
-            discover_methods(_BUILTIN)
-        except BaseException:
-            _builtin_found = False
-            raise
-
-
-def registered_methods() -> list[str]:
-    _discover_builtin()
-    return sorted(_METHODS)
-
-
-def config_classes() -> dict[str, type[AdapterConfig]]:
-    """{method name: its config class}."""
-    _discover_builtin()
-    return {name: m.config_class for name, m in _METHODS.items()}
 
 
 def get_method(name: str) -> AdapterMethod:
     """Raises:
     ValueError: naming the registered methods when ``name`` is unknown.
     """
-    _discover_builtin()
-    if name not in _METHODS:
-        raise ValueError(f"adapter.method: got {name!r}; allowed values are {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    return cast("AdapterMethod", find_method(name))

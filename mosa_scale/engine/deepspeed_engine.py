@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mosa_scale.config.run import REPO_ROOT, RunConfig
+from mosa_scale.engine.launch import free_port
 from mosa_scale.host_memory import return_freed_memory
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.optim.adamw import Fragment
@@ -37,10 +37,9 @@ def init_distributed() -> None:
         return
     return_freed_memory()
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     deepspeed.init_distributed()
     _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():

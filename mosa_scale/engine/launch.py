@@ -1,5 +1,6 @@
-"""Local multi-rank launches for the bench scripts: ``deepspeed --num_gpus N`` on this machine (CPU
-ranks on gloo when there is no GPU), and the plain DeepSpeed config of the engines they measure.
+"""Local multi-rank launches (bench scripts, sweeps, tests): ``deepspeed --num_gpus N`` on this
+machine (CPU ranks on gloo when there is no GPU), and the plain DeepSpeed config of the engines the
+benches measure.
 
 A bench script launches itself: the parent runs :func:`launch_ranks` with the script's own
 ``--worker`` arguments, each rank writes its rows with :func:`write_rank_rows`, and the parent
@@ -59,6 +60,8 @@ def launch_ranks(
     env: dict[str, str] | None = None,
     ranks: int = 2,
     what: str = "deepspeed launch",
+    timeout: float | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Runs ``script`` on ``ranks`` local ranks from ``repo`` and waits for it.
 
@@ -69,9 +72,12 @@ def launch_ranks(
         env: The ranks' environment (default: :func:`repo_env` of ``repo``).
         ranks: Number of ranks.
         what: Names the launch in the error message.
+        timeout: Seconds before the launch is killed (``subprocess.TimeoutExpired``); None waits.
+        check: Raise when the launch exits with an error; False returns it for the caller to read.
 
     Raises:
-        LaunchFailed: when the launch exits with an error, with the end of its stdout and stderr.
+        LaunchFailed: when ``check`` and the launch exits with an error, with the end of its stdout
+            and stderr.
     """
     proc = subprocess.run(
         deepspeed_command(script, args, ranks=ranks),
@@ -79,8 +85,9 @@ def launch_ranks(
         env=repo_env(repo) if env is None else env,
         capture_output=True,
         text=True,
+        timeout=timeout,
     )
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise LaunchFailed(f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 

@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from mosa_scale.engine.launch import deepspeed_command
 from mosa_scale.sweep.spec import RunSpec, SweepSpec, cluster_command
 
 log = logging.getLogger(__name__)
@@ -55,30 +55,9 @@ def resume_tag(run_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed() -> str:
-    local = Path(sys.executable).with_name("deepspeed")
-    return str(local) if local.is_file() else "deepspeed"
-
-
 def local_command(spec: SweepSpec, run: RunSpec) -> list[str]:
     """``deepspeed --num_gpus R --master_port P launchers/train.py --config C key=value ...``."""
-    return [
-        _deepspeed(),
-        "--num_gpus",
-        str(spec.ranks),
-        "--master_port",
-        str(_free_port()),
-        str(TRAIN),
-        "--config",
-        str(spec.config),
-        *run.override_args(),
-    ]
+    return deepspeed_command(TRAIN, ["--config", str(spec.config), *run.override_args()], ranks=spec.ranks)
 
 
 def _write_json(path: Path, data: Any) -> None:

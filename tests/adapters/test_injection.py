@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_models import Classifier, batches, make_tower
+from train_util import train_steps
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name, registered_methods
 from mosa_scale.optim import MoSAAdamW
@@ -41,12 +41,7 @@ def test_identity_at_init_and_frozen_backbone(method, n, fused):
     model = Classifier(tower, 32)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=1e-2)
     adapters_before = {k: v.clone() for k, v in model.state_dict().items() if is_adapter_name(k)}
-    for step in range(2):  # step 2 moves Down too (Up is non-zero after step 1)
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, [(x, y)] * 2)  # step 2 moves Down too (Up is non-zero after step 1)
     after = tower.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # backbone bit-identical
     changed = [

@@ -7,16 +7,16 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_models import Classifier, batches, make_tower
+from train_util import train_steps
 
 from mosa_scale.adapters import (
     AdapterConfig,
+    catalog,
     discover_methods,
     inject_adapters,
     is_adapter_name,
     registered_methods,
-    registry,
     remove_adapters,
 )
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict
@@ -101,7 +101,7 @@ def side_method(tmp_path, monkeypatch):
     for name, text in FOLDER.items():
         (folder / name).write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the method is forgotten afterwards
+    monkeypatch.setattr(catalog, "_METHODS", dict(catalog._METHODS))  # the method is forgotten afterwards
     yield builtin, discover_methods("mosa_test_methods")
     for name in [m for m in sys.modules if m.split(".")[0] == "mosa_test_methods"]:
         del sys.modules[name]
@@ -130,12 +130,7 @@ def test_new_method_folder(side_method):
 
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=2e-2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for step, (x, y) in enumerate(batches(4)):
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, batches(4))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert any(".mosa_side.a." in k for k in changed) and any(".mosa_side.b." in k for k in changed)
     assert all(is_adapter_name(k) for k in changed)

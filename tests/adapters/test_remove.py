@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_models import Classifier, batches, make_tower
+from train_util import train_steps
 
 from mosa_scale.adapters import AdapterConfig, Wrapper, inject_adapters, registered_methods, remove_adapters
 from mosa_scale.optim import MoSAAdamW
@@ -32,12 +32,7 @@ def test_trained_injection_is_undone(method, n, fused):
     assert all(type(m) is types_before[k] for k, m in modules_before.items())
     model = Classifier(tower, 32)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=1e-2)
-    for step, (x, y) in enumerate(batches(2)):
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, batches(2))
     assert remove_adapters(tower) == len(wrappers)
     assert same_state(tower.state_dict(), frozen.state_dict())
     assert dict(tower.named_modules()) == modules_before  # the very same module objects, back in place

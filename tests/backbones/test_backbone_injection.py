@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
+from train_util import train_steps
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters, is_adapter_name, registered_methods, remove_adapters
 from mosa_scale.backbones import BackboneConfig, build_backbone, count_parameters, enable_gradient_checkpointing
@@ -47,12 +47,7 @@ def test_identity_at_init_and_only_adapters_train(tiny_cfg, pixels, method, n):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.01, lr=1e-2)
     y = torch.tensor([0, 2])
-    for step in range(2):
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(pixels), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, [(pixels, y)] * 2)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(is_adapter_name(k) for k in changed)

@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from train_util import train_steps  # noqa: E402
 
 from mosa_scale.adapters import AdapterConfig  # noqa: E402
 from mosa_scale.backbones import BackboneConfig, build_backbone  # noqa: E402
@@ -56,12 +56,7 @@ def trained_adapter(tmp_path, family: str, adapter: AdapterConfig, steps: int = 
     model, backbone, _ = build_model(cfg, router, num_classes=CLASSES)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=3e-2)
     x, y = pixels(8, seed=1), torch.arange(8) % CLASSES
-    for step in range(steps):
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, [(x, y)] * steps)
     model.eval()
     manifest = {
         "config": to_plain(cfg),

@@ -3,8 +3,8 @@
 import logging
 
 import torch
-import torch.nn.functional as F
 from tiny_models import Classifier, batches, make_tower
+from train_util import train_steps
 
 from mosa_scale.adapters import AdapterConfig, inject_adapters
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict
@@ -20,12 +20,7 @@ def trained(cfg, steps=15, depth=1, seed=3407):
     model = Classifier(tower, 32)
     inject_adapters(tower, tower.sites(), cfg, seed=seed, router=router, width=32)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=2e-2)
-    for step, (x, y) in enumerate(batches(steps)):
-        router.begin_step(step)
-        with router.forward_pass():
-            F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, router, opt, batches(steps))
     return model, router
 
 

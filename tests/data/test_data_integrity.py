@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from mosa_scale.data import DataError, DataSpec, SourceError, build_loader, make_shards, resolve_shards
+from mosa_scale.engine.launch import repo_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "make_shards.py")
@@ -37,10 +38,9 @@ def bmp_folder(root, per_class: int = 300, side: int = 96) -> str:
 
 def test_sigint_in_the_middle_of_a_shard_leaves_no_file(tmp_path):
     src, out = bmp_folder(tmp_path / "src"), str(tmp_path / "out")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
         [sys.executable, TOOL, src, "--out", out, "--samples-per-shard", "100", "--quiet"],
-        env=env,
+        env=repo_env(ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -89,7 +89,7 @@ def test_a_bad_source_file_is_named_and_nothing_is_left(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        env=repo_env(ROOT),
     )
     assert proc.returncode == 2 and "cannot be read as an image" in proc.stderr and "Traceback" not in proc.stderr
     assert os.path.join(src, "a", "0010.jpg") in proc.stderr or os.path.join(src, "a", "0011.png") in proc.stderr

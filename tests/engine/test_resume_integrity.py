@@ -16,11 +16,12 @@ from pathlib import Path
 import psutil
 import pytest
 from hostile_files import flip_byte, plant_payload, refresh_manifest
-from launch_util import REPO, deepspeed_cmd, deepspeed_launch, launch_env
+from launch_util import REPO, deepspeed_launch, launch_env
 from safetensors.torch import load_file
 
 from mosa_scale.ckpt.manifest import MANIFEST_NAME, read_manifest, verify_tag
 from mosa_scale.data import make_shards
+from mosa_scale.engine.launch import deepspeed_command
 
 pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
@@ -208,7 +209,7 @@ def _mid_save(ckpts: Path) -> str | None:
 def test_second_launch_is_refused_and_a_kill_mid_save_resumes_exactly(finished, shards, tmp_path):
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
-    cmd = deepspeed_cmd(TRAIN, args(run, shards, "train.checkpoint_every=1"))
+    cmd = deepspeed_command(TRAIN, args(run, shards, "train.checkpoint_every=1"))
     launcher = subprocess.Popen(
         cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

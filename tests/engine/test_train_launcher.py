@@ -12,10 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from launch_util import REPO, deepspeed_cmd, deepspeed_launch, launch_env
+from launch_util import REPO, deepspeed_launch, launch_env
 from safetensors.torch import load_file
 
 from mosa_scale.ckpt.safe_load import load_weights_only
+from mosa_scale.engine.launch import deepspeed_command, free_port
 
 pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
@@ -126,7 +127,7 @@ def _rank_pid(launcher: subprocess.Popen, local_rank: int) -> int | None:
 def test_kill_a_rank_and_resume_matches_uninterrupted(full_run, tmp_path):
     run_a, _ = full_run
     run_b = tmp_path / "run"
-    cmd = deepspeed_cmd(TRAIN, train_args(run_b), ranks=2)
+    cmd = deepspeed_command(TRAIN, train_args(run_b), ranks=2)
     launcher = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest, deadline, killed = run_b / "checkpoints" / "latest", time.time() + 300, False
     while time.time() < deadline and launcher.poll() is None:
@@ -220,8 +221,6 @@ def test_nonfinite_losses_stop_the_run_after_max_bad_steps(tmp_path):
 
 
 def test_torchrun_launch_trains_the_same_adapter(full_run, tmp_path):
-    from launch_util import free_port
-
     run_a, _ = full_run
     run_b = tmp_path / "torchrun"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
