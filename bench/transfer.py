@@ -38,6 +38,7 @@ LISTS = {
     "lrs": float,
     "final_steps": int,
     "final_seeds": int,
+    "long_methods": str,
     "experts": int,
     "shares": str,
     "lora_shares": str,

@@ -7,7 +7,9 @@
 * Phase B (variant screen): every variant of each sparse method at that method's chosen rate,
   otherwise as phase A (the base variant's runs are phase A's, reused by id).
 * Phase C (final): every final configuration at every length of ``final_steps`` and every seed
-  of ``final_seeds``, trained on all labelled samples and evaluated once on the test split. The
+  of ``final_seeds`` (schedules longer than ``select_steps`` only for the methods of
+  ``long_methods`` when it is set), trained on all labelled samples and evaluated once on the
+  test split. The
   final configurations are each method's best variant at its chosen rate, plus, for the better
   MoSA semantics (the parallel adapter whose best variant scores higher), its best variant at
   each N of ``experts`` (for the gain-against-N plot; the other semantics is run at its best N
@@ -66,6 +68,7 @@ class StudyGrid:
     select_seed: int = 0
     final_steps: tuple[int, ...] = (300, 1250, 3000)
     final_seeds: tuple[int, ...] = (0, 1, 2)
+    long_methods: tuple[str, ...] = ()  # run beyond select_steps; empty: every method
     base: Variant = field(default_factory=lambda: Variant(4, "down", False))
     experts: tuple[int, ...] = (2, 4)
     shares: tuple[str, ...] = ("down", "none")
@@ -94,6 +97,8 @@ class StudyGrid:
             p.choice("tasks", t, TASKS)
         for m in self.methods:
             p.choice("methods", m, METHODS)
+        for m in self.long_methods:
+            p.choice("long_methods", m, self.methods)
         for lr in self.lrs:
             if not lr > 0:
                 p.add("lrs", f"got {lr!r}; must be positive")
@@ -182,7 +187,12 @@ class StudyGrid:
             for seed in self.final_seeds
             for t in self.tasks
             for c in configs
+            if self.runs_at(c.method, steps)
         ]
+
+    def runs_at(self, method: str, steps: int) -> bool:
+        """Whether phase C runs ``method`` at a schedule of ``steps``."""
+        return steps <= self.select_steps or not self.long_methods or method in self.long_methods
 
     # ------------------------------------------------------------------ choices
     def val_score(self, rows: Rows, method: str, variant: Variant, lr: float) -> float | None:

@@ -179,6 +179,15 @@ def _markdown(grid: StudyGrid, settings: dict[str, Any], tower: dict[str, Any], 
         f"{grid.select_steps} steps), jointly over the tasks (mean validation top-1); final runs train on all "
         f"labels and read the test split once; seeds {', '.join(map(str, grid.final_seeds))}.",
         "",
+    ]
+    longer = [n for n in grid.final_steps if n > grid.select_steps]
+    if grid.long_methods and longer:
+        out += [
+            f"Pruned: {', '.join(map(str, longer))} steps only for {', '.join(grid.long_methods)} "
+            "(a dash where a method was not run).",
+            "",
+        ]
+    out += [
         "## Final results (test top-1 %, mean ± std over seeds)",
         "",
     ]

@@ -3,6 +3,7 @@ to end through ``bench/transfer.py`` on real data, killed after its first row an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,6 +53,19 @@ def test_default_grid_pruned_as_documented():
     assert [r.steps for r in c[: 8 * 2 * 3]] == [300] * 48  # shortest schedule first
     assert len(runs) == 42 + 40 + 144 and len({r.id for r in runs}) == len(runs)
     assert StudyGrid.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+
+
+def test_long_schedules_run_only_for_the_methods_named():
+    g = StudyGrid(long_methods=("adapter", "mosa-skip"))
+    c = [r for r in g.plan({})[0] if r.phase == "C"]
+    assert {r.method for r in c if r.steps == 3000} == {"adapter", "mosa-skip"}
+    assert {r.method for r in c if r.steps == 1250} == set(g.methods)  # up to select_steps: all
+    # adapter, MoSA skip's provisional best and its other N: 3 configurations x 3 seeds x 2 tasks
+    assert len([r for r in c if r.steps == 3000]) == 3 * 3 * 2
+    assert len(c) == 8 * 3 * 2 * 2 + 18
+    assert StudyGrid.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+    with pytest.raises(ConfigError, match="long_methods"):
+        StudyGrid(methods=("adapter",), long_methods=("lora",))
 
 
 def test_bad_grid_reports_every_problem():
@@ -209,6 +223,22 @@ def test_report_pairs_gains_by_seed(tmp_path):
     assert "Status: in progress, 8 of 10 runs done" in md
     for name in ("top1_vs_steps.png", "gain_vs_experts.png"):
         assert tmp_path / name in files and (tmp_path / name).read_bytes()[:8] == PNG
+    # the same rows with MoSA pruned from schedules above select_steps (1250): the study is complete
+    g = dataclasses.replace(g, final_steps=(10, 2000), long_methods=("adapter",))
+    for seed, acc in enumerate([0.9, 0.9]):
+        r = RunSpec("digits", "adapter", DENSE, 5e-3, 2000, seed, "test")
+        rows[r.id] = {"id": r.id, "top1": acc, "seconds": 1.0, "time": 100.0 + seed}
+    write_report(
+        tmp_path,
+        g,
+        {"bottleneck": 16, "weight_decay": 0.01, "batch": 64, "labelled": 1000, "val_fraction": 0.2},
+        {},
+        rows,
+        plots=False,
+    )
+    md = (tmp_path / "report.md").read_text()
+    assert "Status: complete, 8 of 8 runs done" in md and "Pruned: 2000 steps only for adapter" in md
+    assert "| mosa-skip | n4-down-c0 | 0.005 | best | 79.00 ± 9.90 | — |" in md
 
 
 # ---------------------------------------------------------------------------------------------- rows
