@@ -122,8 +122,6 @@ class _EpochStream(IterableDataset):
         for j, sample in enumerate(items):
             keys[j] = str(sample["__key__"])
             try:
-                if "__error__" in sample:
-                    raise CorruptSample(str(sample["__error__"]))
                 label = parse_label(sample)
                 if self.num_classes is not None and not 0 <= label < self.num_classes:
                     raise CorruptSample(f"label {label} is outside [0, num_classes={self.num_classes})")

@@ -3,6 +3,11 @@
 A raw sample is a dict of field extension -> bytes plus `__key__` and `__url__`, not decoded:
 decoding happens after the shuffle buffer and after resume skipping, so skipped samples cost
 only their read.
+
+Tar members come from webdataset's `tar_file_iterator` and are grouped into samples by its
+`group_by_keys`. That stage refuses a sample holding the same field twice (webdataset's rule):
+here this is a read error of its shard, so the rest of that shard is skipped and counted like a
+truncated shard (one bad shard, its unread samples missing).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 __all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples", "shuffle_buffer"]
 
@@ -51,26 +56,6 @@ class SkipCounts:
         return out
 
 
-def _group_samples(items: Iterator[dict], url: str) -> Iterator[RawSample]:
-    """Tar members grouped into samples by key (consecutive members sharing a key); an error
-    from the tar stream propagates, dropping the sample being assembled."""
-    current: RawSample | None = None
-    for item in items:
-        key, suffix = base_plus_ext(item["fname"])
-        if key is None:
-            continue
-        if current is None or key != current["__key__"]:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        suffix = suffix.lower()
-        if suffix in current:
-            current["__error__"] = f"duplicate field {suffix!r}"
-        current[suffix] = item["data"]
-    if current is not None:
-        yield current
-
-
 def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[RawSample]:
     """Yield the complete samples of one shard; count what is lost instead of raising.
 
@@ -95,7 +80,8 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
     if stream is not None:
         complete = False
         try:
-            for sample in _group_samples(tar_file_iterator(stream, handler=reraise_exception), url):
+            members = ({**m, "__url__": url} for m in tar_file_iterator(stream, handler=reraise_exception))
+            for sample in group_by_keys(members, handler=reraise_exception):
                 if expected is None or yielded < expected:
                     yielded += 1
                     yield sample
@@ -103,7 +89,7 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
                     extra += 1
             complete = True
         except _SHARD_ERRORS as exn:
-            error = exn  # the sample being assembled is incomplete: dropped with the rest
+            error = exn  # the sample being assembled (or with a duplicate field) is dropped with the rest
         finally:
             try:
                 stream.close()  # a pipe reports the exit status of its command here
