@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
 
 from mosa_scale.data.plan import EpochPlan, plan_epoch, resume_point, round_robin
-from mosa_scale.data.reader import SkipCounts, resampled_samples, sequential_samples, shuffle_buffer
+from mosa_scale.data.reader import SkipCounts, resampled_samples, sequential_samples
 from mosa_scale.data.spec import DataSpec, ShardSet, resolve_shards
 from mosa_scale.data.state import check_resume_state, make_state
 from mosa_scale.data.transforms import (
@@ -101,7 +102,8 @@ class _EpochStream(IterableDataset):
         stream = self._raw(worker, counts)
         if self.buffer > 1:
             rng = random.Random(derive_seed("buffer", self.seed, self.epoch, self.rank, worker, stream="data"))
-            stream = shuffle_buffer(stream, self.buffer, rng)
+            # webdataset's buffer, filled before its first pick and drawing from a seeded rng
+            stream = shuffle(self.buffer, initial=self.buffer, rng=rng)(stream)
         size, total, skip = self.batch_size, self.plan.worker_batches[worker], self.skip[worker]
         for _ in islice(stream, skip * size):  # resume: read but do not decode
             pass

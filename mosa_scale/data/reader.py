@@ -23,7 +23,7 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples", "shuffle_buffer"]
+__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,29 +158,3 @@ def resampled_samples(
             yield sample
         empty_draws = 0 if got else empty_draws + 1
     logger.error("%d shard draws in a row gave no sample; this reader pads the rest of its epoch", empty_draws)
-
-
-def shuffle_buffer(samples: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
-    """Shuffle a stream with a buffer of `size` items (deterministic given `rng`).
-
-    Args:
-        samples: Input stream.
-        size: Buffer size; 0 or 1 leaves the order unchanged.
-        rng: Seeded generator.
-
-    Yields:
-        The same items in shuffled order.
-    """
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[RawSample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
