@@ -91,8 +91,8 @@ class _EpochStream(IterableDataset):
     def _raw(self, worker: int, counts: SkipCounts) -> Iterator[dict[str, object]]:
         urls, sizes = self.shards.urls, self.shards.sizes
         if self.resampled:
-            rng = random.Random(derive_seed("resample", self.seed, self.epoch, self.rank, worker, stream="data"))
-            return resampled_samples(urls, sizes, rng, counts)
+            seed = derive_seed("resample", self.seed, self.epoch, self.rank, worker, stream="data")
+            return resampled_samples(urls, sizes, seed, counts)
         mine = self.plan.worker_shards[worker]
         assert sizes is not None, "non-resampled plans need shard sizes"
         return sequential_samples([urls[i] for i in mine], [sizes[i] for i in mine], counts)

@@ -7,13 +7,13 @@ only their read.
 Tar members come from webdataset's `tar_file_iterator` and are grouped into samples by its
 `group_by_keys`. That stage refuses a sample holding the same field twice (webdataset's rule):
 here this is a read error of its shard, so the rest of that shard is skipped and counted like a
-truncated shard (one bad shard, its unread samples missing).
+truncated shard (one bad shard, its unread samples missing). Shard draws in resampled mode are
+webdataset's `ResampledShards`, seeded per reader.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
+from webdataset.shardlists import ResampledShards
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 __all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples"]
@@ -134,27 +135,33 @@ def sequential_samples(urls: Sequence[str], sizes: Sequence[int], counts: SkipCo
 
 
 def resampled_samples(
-    urls: Sequence[str], sizes: Sequence[int] | None, rng: random.Random, counts: SkipCounts
+    urls: Sequence[str], sizes: Sequence[int] | None, seed: int, counts: SkipCounts
 ) -> Iterator[RawSample]:
-    """Endless samples of shards drawn with replacement from `rng`.
+    """Endless samples of shards drawn with replacement (webdataset's `ResampledShards`).
 
     Stops (instead of spinning forever) when 2 x len(urls) draws in a row yield nothing.
 
     Args:
         urls: Shard URLs.
         sizes: Expected samples of each shard (None: unknown).
-        rng: Seeded generator of shard draws.
+        seed: Seed of this reader's shard draws.
         counts: Accumulator updated in place.
 
     Yields:
         Raw samples.
     """
+    expected = dict(zip(urls, sizes)) if sizes is not None else {}
+    # A list reaches ResampledShards unchanged (no brace or `::` expansion of `pipe:` commands);
+    # `seed` already holds run seed, epoch, rank and worker, and deterministic=True keeps the
+    # draws free of the process id and clock.
+    draws = ResampledShards(list(urls), seed=0, worker_seed=lambda: seed, deterministic=True)
     empty_draws = 0
-    while empty_draws < 2 * len(urls):
-        i = rng.randrange(len(urls))
+    for draw in draws:
         got = 0
-        for sample in iter_shard(urls[i], None if sizes is None else sizes[i], counts):
+        for sample in iter_shard(draw["url"], expected.get(draw["url"]), counts):
             got += 1
             yield sample
         empty_draws = 0 if got else empty_draws + 1
+        if empty_draws >= 2 * len(urls):
+            break
     logger.error("%d shard draws in a row gave no sample; this reader pads the rest of its epoch", empty_draws)

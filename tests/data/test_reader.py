@@ -1,4 +1,4 @@
-"""Reading raw samples from real tar shards: webdataset's grouping, our counts."""
+"""Reading raw samples from real tar shards: webdataset's grouping and shard draws, our counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import tarfile
 
 from mosa_scale.data import build_loader
-from mosa_scale.data.reader import SkipCounts, iter_shard
+from mosa_scale.data.reader import SkipCounts, iter_shard, resampled_samples
 
 EVAL = dict(image_size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -45,3 +45,31 @@ def test_duplicate_field_is_a_read_error_of_its_shard(shard_set):
     (batch,) = list(loader)
     assert batch["key"] == ["s0-000", "s0-001", "", ""] and batch["valid"].tolist() == [True, True, False, False]
     assert loader.skipped == {"corrupt": 0, "missing": 2, "bad_shards": 1, "extra": 0}
+
+
+def test_resampled_draws_take_url_lists_verbatim_and_depend_on_the_seed(shard_set):
+    # A brace in a list entry is part of the file name, not a pattern to expand.
+    data = shard_set([3, 2])
+    braced = os.path.join(data["dir"], "b{0..1}.tar")
+    os.rename(data["urls"][1], braced)
+    urls = [f"pipe:cat {data['urls'][0]}", f"pipe:cat '{braced}'"]
+
+    def keys(seed: int, n: int = 40) -> list[str]:
+        counts = SkipCounts()
+        stream = resampled_samples(urls, [3, 2], seed, counts)
+        out = [str(next(stream)["__key__"]) for _ in range(n)]
+        assert counts.pop() == {"corrupt": 0, "missing": 0, "bad_shards": 0, "extra": 0}
+        return out
+
+    drawn = keys(5)
+    assert set(drawn) == set(data["samples"])  # both shards are read, the braced one whole
+    assert keys(5) == drawn and keys(6) != drawn
+
+
+def test_resampled_reader_stops_after_two_rounds_of_empty_draws(tmp_path):
+    urls = [str(tmp_path / "gone-0.tar"), str(tmp_path / "gone-1.tar"), str(tmp_path / "gone-2.tar")]
+    counts = SkipCounts()
+    assert list(resampled_samples(urls, [2, 3, 4], 0, counts)) == []
+    popped = counts.pop()
+    assert popped["bad_shards"] == 6 and popped["corrupt"] == popped["extra"] == 0
+    assert 12 <= popped["missing"] <= 24  # 6 draws of shards promising 2 to 4 samples
