@@ -21,6 +21,7 @@ from itertools import islice
 from typing import Any
 
 import torch
+import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 
@@ -32,7 +33,6 @@ from mosa_scale.data.transforms import (
     CorruptSample,
     ImageTransform,
     decode_image,
-    normalize,
     parse_label,
 )
 from mosa_scale.seeding import derive_seed
@@ -138,7 +138,7 @@ class _EpochStream(IterableDataset):
             )
             images[j] = self.transform(image, rng)
             labels[j], valid[j] = label, True
-        pixels = normalize(images, self.mean, self.std)  # (B, 3, H, W) uint8 -> float32
+        pixels = TF.normalize(images.float() / 255.0, self.mean, self.std)  # (B, 3, H, W) uint8 -> float32
         pixels[~valid] = 0.0  # padding and corrupt slots hold zeros, not normalised black
         return {
             "image": pixels,

@@ -10,17 +10,17 @@ that generator seeded from the sample's `random.Random`, leaving the trainer's t
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from webdataset.autodecode import imagehandler
 
 __all__ = [
     "CorruptSample",
@@ -28,12 +28,12 @@ __all__ = [
     "LABEL_FIELDS",
     "ImageTransform",
     "decode_image",
-    "normalize",
     "parse_label",
 ]
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 LABEL_FIELDS = ("cls", "txt", "json")
+_DECODE_RGB = imagehandler("pilrgb", IMAGE_FIELDS)  # webdataset's PIL decoder: open, load, convert
 
 
 class CorruptSample(ValueError):
@@ -103,9 +103,7 @@ def decode_image(sample: Mapping[str, bytes]) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(sample[field]))
-            image.load()  # decode now: truncated data raises here, not later in a transform
-            return image.convert("RGB")
+            return _DECODE_RGB(field, sample[field])  # loads now: truncated data raises here, not in a transform
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exn:
         raise CorruptSample(f"undecodable {field}: {exn}") from None
 
@@ -157,19 +155,3 @@ class ImageTransform:
             image = TF.resize(image, [self.size], interpolation=mode, antialias=True)
             image = TF.center_crop(image, [self.size, self.size])
         return TF.pil_to_tensor(image)  # (H, W, 3) PIL -> (3, H, W) uint8
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images to float, scaled to [0, 1] then normalised per channel.
-
-    Args:
-        images: uint8 tensor (B, 3, H, W).
-        mean: Per-channel mean in [0, 1] units.
-        std: Per-channel standard deviation in [0, 1] units.
-
-    Returns:
-        float32 tensor (B, 3, H, W).
-    """
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s  # (B, 3, H, W) -> (B, 3, H, W)
