@@ -1,15 +1,26 @@
 """The webdataset input pipeline: one loader per (rank, epoch) with equal batch counts on every
 rank, counted skips of bad data, and exact resume.
 
-Data flow of one reader (rank r, logical worker w):
+Data flow of one reader (rank r, logical worker w); [wds] marks webdataset's stages, [tv]
+torchvision's:
 
-    plan_epoch -> shards of (r, w) -> iter_shard (raw bytes, bad shards counted)
-      -> shuffle_buffer (train) -> skip start positions (no decoding) -> decode + augment
-      -> batches of fixed size, padded with invalid slots -> DataLoader -> StreamLoader
+    plan_epoch -> shards of (r, w)            (resampled: ResampledShards draws [wds])
+      -> iter_shard: gopen + tar_file_iterator + group_by_keys [wds], losses counted
+      -> shuffle [wds] (train) -> skip start positions (no decoding)
+      -> decode [wds imagehandler] + RandomResizedCrop.get_params, resized_crop, hflip [tv]
+      -> batches of fixed size, padded with invalid slots, normalize [tv]
+      -> DataLoader -> StreamLoader
 
 Every random choice (shard order, buffer, crops, flips, resampled draws) is seeded from
 (seed, epoch, rank, worker, stream position), so the batches after a resume at batch s are the
 batches s, s+1, ... of the uninterrupted epoch.
+
+What stays our own, and why: the resume skip reads the raw stream of the epoch again through
+the same seeded buffer and drops `skip x batch_size` samples undecoded, because a webdataset
+pipeline has no position to save and restore. Batches are collated here, not by webdataset's
+`batched`, because every rank must yield exactly `num_batches` full-size batches (a short or
+missing batch on one rank hangs the others in the next collective), with invalid slots for
+padding and corrupt samples and the losses counted per batch.
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ Tar members come from webdataset's `tar_file_iterator` and are grouped into samp
 here this is a read error of its shard, so the rest of that shard is skipped and counted like a
 truncated shard (one bad shard, its unread samples missing). Shard draws in resampled mode are
 webdataset's `ResampledShards`, seeded per reader.
+
+What stays our own is the loop around them: `iter_shard` opens, reads and closes one shard
+itself, because webdataset's `url_opener` / `tarfile_samples` stages hand errors to a handler
+that can only skip or stop, and cannot say how many samples a shard promised and did not
+deliver (`missing`, `bad_shards`, `extra` must be counted exactly, and a reader must never
+yield more samples than its plan holds, or ranks would disagree on their batch counts).
 """
 
 from __future__ import annotations
