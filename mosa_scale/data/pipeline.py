@@ -1,15 +1,26 @@
 """The webdataset input pipeline: one loader per (rank, epoch) with equal batch counts on every
 rank, counted skips of bad data, and exact resume.
 
-Data flow of one reader (rank r, logical worker w):
+Data flow of one reader (rank r, logical worker w); [wds] marks webdataset's stages, [tv]
+torchvision's:
 
-    plan_epoch -> shards of (r, w) -> iter_shard (raw bytes, bad shards counted)
-      -> shuffle_buffer (train) -> skip start positions (no decoding) -> decode + augment
-      -> batches of fixed size, padded with invalid slots -> DataLoader -> StreamLoader
+    plan_epoch -> shards of (r, w)            (resampled: ResampledShards draws [wds])
+      -> iter_shard: gopen + tar_file_iterator + group_by_keys [wds], losses counted
+      -> shuffle [wds] (train) -> skip start positions (no decoding)
+      -> decode [wds imagehandler] + RandomResizedCrop.get_params, resized_crop, hflip [tv]
+      -> batches of fixed size, padded with invalid slots, normalize [tv]
+      -> DataLoader -> StreamLoader
 
 Every random choice (shard order, buffer, crops, flips, resampled draws) is seeded from
 (seed, epoch, rank, worker, stream position), so the batches after a resume at batch s are the
 batches s, s+1, ... of the uninterrupted epoch.
+
+What stays our own, and why: the resume skip reads the raw stream of the epoch again through
+the same seeded buffer and drops `skip x batch_size` samples undecoded, because a webdataset
+pipeline has no position to save and restore. Batches are collated here, not by webdataset's
+`batched`, because every rank must yield exactly `num_batches` full-size batches (a short or
+missing batch on one rank hangs the others in the next collective), with invalid slots for
+padding and corrupt samples and the losses counted per batch.
 """
 
 from __future__ import annotations
@@ -21,17 +32,18 @@ from itertools import islice
 from typing import Any
 
 import torch
+import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle
 
 from mosa_scale.data.plan import EpochPlan, plan_epoch, resume_point, round_robin
-from mosa_scale.data.reader import SkipCounts, resampled_samples, sequential_samples, shuffle_buffer
+from mosa_scale.data.reader import SkipCounts, resampled_samples, sequential_samples
 from mosa_scale.data.spec import DataSpec, ShardSet, resolve_shards
 from mosa_scale.data.state import check_resume_state, make_state
 from mosa_scale.data.transforms import (
     CorruptSample,
     ImageTransform,
     decode_image,
-    normalize,
     parse_label,
 )
 from mosa_scale.seeding import derive_seed
@@ -90,8 +102,8 @@ class _EpochStream(IterableDataset):
     def _raw(self, worker: int, counts: SkipCounts) -> Iterator[dict[str, object]]:
         urls, sizes = self.shards.urls, self.shards.sizes
         if self.resampled:
-            rng = random.Random(derive_seed("resample", self.seed, self.epoch, self.rank, worker, stream="data"))
-            return resampled_samples(urls, sizes, rng, counts)
+            seed = derive_seed("resample", self.seed, self.epoch, self.rank, worker, stream="data")
+            return resampled_samples(urls, sizes, seed, counts)
         mine = self.plan.worker_shards[worker]
         assert sizes is not None, "non-resampled plans need shard sizes"
         return sequential_samples([urls[i] for i in mine], [sizes[i] for i in mine], counts)
@@ -101,7 +113,8 @@ class _EpochStream(IterableDataset):
         stream = self._raw(worker, counts)
         if self.buffer > 1:
             rng = random.Random(derive_seed("buffer", self.seed, self.epoch, self.rank, worker, stream="data"))
-            stream = shuffle_buffer(stream, self.buffer, rng)
+            # webdataset's buffer, filled before its first pick and drawing from a seeded rng
+            stream = shuffle(self.buffer, initial=self.buffer, rng=rng)(stream)
         size, total, skip = self.batch_size, self.plan.worker_batches[worker], self.skip[worker]
         for _ in islice(stream, skip * size):  # resume: read but do not decode
             pass
@@ -122,8 +135,6 @@ class _EpochStream(IterableDataset):
         for j, sample in enumerate(items):
             keys[j] = str(sample["__key__"])
             try:
-                if "__error__" in sample:
-                    raise CorruptSample(str(sample["__error__"]))
                 label = parse_label(sample)
                 if self.num_classes is not None and not 0 <= label < self.num_classes:
                     raise CorruptSample(f"label {label} is outside [0, num_classes={self.num_classes})")
@@ -138,7 +149,7 @@ class _EpochStream(IterableDataset):
             )
             images[j] = self.transform(image, rng)
             labels[j], valid[j] = label, True
-        pixels = normalize(images, self.mean, self.std)  # (B, 3, H, W) uint8 -> float32
+        pixels = TF.normalize(images.float() / 255.0, self.mean, self.std)  # (B, 3, H, W) uint8 -> float32
         pixels[~valid] = 0.0  # padding and corrupt slots hold zeros, not normalised black
         return {
             "image": pixels,

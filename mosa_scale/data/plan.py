@@ -3,6 +3,12 @@ reader yields, and where each reader starts after a resume.
 
 A *reader* is one (rank, dataloader worker) pair. Everything here is a pure function of its
 arguments, so every rank computes the same plan without talking to the others.
+
+This replaces webdataset's `split_by_node` / `split_by_worker` (+ `with_epoch`): those hand each
+reader every n-th shard but know nothing of sample counts, so with uneven shards the ranks end
+after different numbers of batches (or an epoch is cut and repeated), and a resume cannot know
+where each worker stood. The plan reads the counts of the index, pads every rank to the same
+number of batches, and gives each worker its resume position.
 """
 
 from __future__ import annotations

@@ -3,12 +3,23 @@
 A raw sample is a dict of field extension -> bytes plus `__key__` and `__url__`, not decoded:
 decoding happens after the shuffle buffer and after resume skipping, so skipped samples cost
 only their read.
+
+Tar members come from webdataset's `tar_file_iterator` and are grouped into samples by its
+`group_by_keys`. That stage refuses a sample holding the same field twice (webdataset's rule):
+here this is a read error of its shard, so the rest of that shard is skipped and counted like a
+truncated shard (one bad shard, its unread samples missing). Shard draws in resampled mode are
+webdataset's `ResampledShards`, seeded per reader.
+
+What stays our own is the loop around them: `iter_shard` opens, reads and closes one shard
+itself, because webdataset's `url_opener` / `tarfile_samples` stages hand errors to a handler
+that can only skip or stop, and cannot say how many samples a shard promised and did not
+deliver (`missing`, `bad_shards`, `extra` must be counted exactly, and a reader must never
+yield more samples than its plan holds, or ranks would disagree on their batch counts).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -16,9 +27,10 @@ from dataclasses import asdict, dataclass
 
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.shardlists import ResampledShards
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples", "shuffle_buffer"]
+__all__ = ["SkipCounts", "iter_shard", "resampled_samples", "sequential_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,26 +63,6 @@ class SkipCounts:
         return out
 
 
-def _group_samples(items: Iterator[dict], url: str) -> Iterator[RawSample]:
-    """Tar members grouped into samples by key (consecutive members sharing a key); an error
-    from the tar stream propagates, dropping the sample being assembled."""
-    current: RawSample | None = None
-    for item in items:
-        key, suffix = base_plus_ext(item["fname"])
-        if key is None:
-            continue
-        if current is None or key != current["__key__"]:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        suffix = suffix.lower()
-        if suffix in current:
-            current["__error__"] = f"duplicate field {suffix!r}"
-        current[suffix] = item["data"]
-    if current is not None:
-        yield current
-
-
 def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[RawSample]:
     """Yield the complete samples of one shard; count what is lost instead of raising.
 
@@ -95,7 +87,8 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
     if stream is not None:
         complete = False
         try:
-            for sample in _group_samples(tar_file_iterator(stream, handler=reraise_exception), url):
+            members = ({**m, "__url__": url} for m in tar_file_iterator(stream, handler=reraise_exception))
+            for sample in group_by_keys(members, handler=reraise_exception):
                 if expected is None or yielded < expected:
                     yielded += 1
                     yield sample
@@ -103,7 +96,7 @@ def iter_shard(url: str, expected: int | None, counts: SkipCounts) -> Iterator[R
                     extra += 1
             complete = True
         except _SHARD_ERRORS as exn:
-            error = exn  # the sample being assembled is incomplete: dropped with the rest
+            error = exn  # the sample being assembled (or with a duplicate field) is dropped with the rest
         finally:
             try:
                 stream.close()  # a pipe reports the exit status of its command here
@@ -148,53 +141,33 @@ def sequential_samples(urls: Sequence[str], sizes: Sequence[int], counts: SkipCo
 
 
 def resampled_samples(
-    urls: Sequence[str], sizes: Sequence[int] | None, rng: random.Random, counts: SkipCounts
+    urls: Sequence[str], sizes: Sequence[int] | None, seed: int, counts: SkipCounts
 ) -> Iterator[RawSample]:
-    """Endless samples of shards drawn with replacement from `rng`.
+    """Endless samples of shards drawn with replacement (webdataset's `ResampledShards`).
 
     Stops (instead of spinning forever) when 2 x len(urls) draws in a row yield nothing.
 
     Args:
         urls: Shard URLs.
         sizes: Expected samples of each shard (None: unknown).
-        rng: Seeded generator of shard draws.
+        seed: Seed of this reader's shard draws.
         counts: Accumulator updated in place.
 
     Yields:
         Raw samples.
     """
+    expected = dict(zip(urls, sizes)) if sizes is not None else {}
+    # A list reaches ResampledShards unchanged (no brace or `::` expansion of `pipe:` commands);
+    # `seed` already holds run seed, epoch, rank and worker, and deterministic=True keeps the
+    # draws free of the process id and clock.
+    draws = ResampledShards(list(urls), seed=0, worker_seed=lambda: seed, deterministic=True)
     empty_draws = 0
-    while empty_draws < 2 * len(urls):
-        i = rng.randrange(len(urls))
+    for draw in draws:
         got = 0
-        for sample in iter_shard(urls[i], None if sizes is None else sizes[i], counts):
+        for sample in iter_shard(draw["url"], expected.get(draw["url"]), counts):
             got += 1
             yield sample
         empty_draws = 0 if got else empty_draws + 1
+        if empty_draws >= 2 * len(urls):
+            break
     logger.error("%d shard draws in a row gave no sample; this reader pads the rest of its epoch", empty_draws)
-
-
-def shuffle_buffer(samples: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
-    """Shuffle a stream with a buffer of `size` items (deterministic given `rng`).
-
-    Args:
-        samples: Input stream.
-        size: Buffer size; 0 or 1 leaves the order unchanged.
-        rng: Seeded generator.
-
-    Yields:
-        The same items in shuffled order.
-    """
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[RawSample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer

@@ -8,6 +8,10 @@ bytes on disk. Each sample holds the image (`jpg`/`png`/`webp`), `cls` (class in
 Nothing partial is ever left under a final name: each shard is written to `<name>.tmp` and renamed
 when complete, `index.json` likewise, last. On any error or interrupt every file this call wrote
 is removed again, and a source file that is not an image is named in the error.
+
+Each shard is a webdataset `TarWriter`; the cutting into shards is our own, not webdataset's
+`ShardWriter`, which writes under the final name and starts a new shard only once one has passed
+`maxsize`, where a shard here never exceeds `max_shard_bytes` on disk and appears only complete.
 """
 
 from __future__ import annotations

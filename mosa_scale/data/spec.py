@@ -4,6 +4,10 @@ Shards may be given as a brace pattern (`/data/train-{000000..000099}.tar`), a l
 folder, or `pipe:` commands for object stores (`pipe:aws s3 cp s3://b/train-000001.tar -`).
 Sample counts come from the `index.json` written by `tools/make_shards.py` (found next to local
 shards, or named with `index=`); shards missing from every index are counted by reading them.
+
+Patterns are expanded by webdataset's `expand_urls`. Counting stays our own: it reads only the
+tar headers of a local shard and seeks over the data, where webdataset's `group_by_keys` would
+read every byte, and it returns the count read before a broken shard's error.
 """
 
 from __future__ import annotations

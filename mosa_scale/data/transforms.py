@@ -1,24 +1,26 @@
 """Decoding and preprocessing of one sample: image bytes -> RGB crop, label fields -> int.
 
 Augmentation draws its parameters from a `random.Random` passed in by the caller (seeded from
-seed, epoch, rank, worker and stream position), never from torch's global generator, so that a
-resumed run augments every sample exactly as the uninterrupted run did.
+seed, epoch, rank, worker and stream position), so that a resumed run augments every sample
+exactly as the uninterrupted run did. The crop box is torchvision's
+`RandomResizedCrop.get_params`, which draws from torch's CPU generator: it runs on a fork of
+that generator seeded from the sample's `random.Random`, leaving the trainer's torch stream
+(dropout, DataLoader seeds) untouched.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from webdataset.autodecode import imagehandler
 
 __all__ = [
     "CorruptSample",
@@ -26,12 +28,12 @@ __all__ = [
     "LABEL_FIELDS",
     "ImageTransform",
     "decode_image",
-    "normalize",
     "parse_label",
 ]
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 LABEL_FIELDS = ("cls", "txt", "json")
+_DECODE_RGB = imagehandler("pilrgb", IMAGE_FIELDS)  # webdataset's PIL decoder: open, load, convert
 
 
 class CorruptSample(ValueError):
@@ -101,9 +103,7 @@ def decode_image(sample: Mapping[str, bytes]) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(sample[field]))
-            image.load()  # decode now: truncated data raises here, not later in a transform
-            return image.convert("RGB")
+            return _DECODE_RGB(field, sample[field])  # loads now: truncated data raises here, not in a transform
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exn:
         raise CorruptSample(f"undecodable {field}: {exn}") from None
 
@@ -128,25 +128,12 @@ class ImageTransform:
     hflip: bool = True
     interpolation: str = "bicubic"
 
-    def _crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-        # torchvision's RandomResizedCrop.get_params, drawing from `rng` instead of torch.
-        area = width * height
-        log_ratio = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.crop_scale)
-            ratio = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target * ratio)))
-            h = int(round(math.sqrt(target / ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        in_ratio = width / height  # fallback: central crop with the ratio clamped to range
-        if in_ratio < self.crop_ratio[0]:
-            w, h = width, int(round(width / self.crop_ratio[0]))
-        elif in_ratio > self.crop_ratio[1]:
-            h, w = height, int(round(height * self.crop_ratio[1]))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+    def _crop_box(self, image: Image.Image, rng: random.Random) -> tuple[int, int, int, int]:
+        # torchvision's draws, made a function of `rng` alone: a forked CPU generator seeded from
+        # it (default_generator only: torch.manual_seed would reseed CUDA's generators too).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(rng.getrandbits(63))
+            return RandomResizedCrop.get_params(image, list(self.crop_scale), list(self.crop_ratio))
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         """Crop and resize one image.
@@ -160,7 +147,7 @@ class ImageTransform:
         """
         mode = InterpolationMode(self.interpolation)
         if self.train:
-            top, left, h, w = self._crop_box(image.width, image.height, rng)
+            top, left, h, w = self._crop_box(image, rng)
             image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=mode, antialias=True)
             if self.hflip and rng.random() < 0.5:
                 image = TF.hflip(image)
@@ -168,19 +155,3 @@ class ImageTransform:
             image = TF.resize(image, [self.size], interpolation=mode, antialias=True)
             image = TF.center_crop(image, [self.size, self.size])
         return TF.pil_to_tensor(image)  # (H, W, 3) PIL -> (3, H, W) uint8
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 images to float, scaled to [0, 1] then normalised per channel.
-
-    Args:
-        images: uint8 tensor (B, 3, H, W).
-        mean: Per-channel mean in [0, 1] units.
-        std: Per-channel standard deviation in [0, 1] units.
-
-    Returns:
-        float32 tensor (B, 3, H, W).
-    """
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - m) / s  # (B, 3, H, W) -> (B, 3, H, W)

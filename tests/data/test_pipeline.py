@@ -363,3 +363,12 @@ def test_resampled_without_index_needs_no_counting(shard_set):
     assert len(batches) == 5 and all(b["valid"].all() for b in batches)
     with pytest.raises(ValueError, match="samples_per_epoch"):
         loader(DataSpec(data["pattern"]), resampled=True, shards=resolve_shards(spec, count=False))
+
+
+def test_shuffle_buffer_mixes_the_samples_of_a_shard(shard_set):
+    data = shard_set([12])
+    plain = valid_keys(run(DataSpec(data["pattern"], shuffle_buffer=0))[0])
+    mixed = valid_keys(run(DataSpec(data["pattern"], shuffle_buffer=8))[0])
+    assert plain == sorted(data["samples"])
+    assert mixed != plain and sorted(mixed) == plain
+    assert valid_keys(run(DataSpec(data["pattern"], shuffle_buffer=8))[0]) == mixed
