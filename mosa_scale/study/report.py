@@ -316,6 +316,7 @@ def _plot(grid: StudyGrid, s: dict[str, Any], out_dir: Path) -> list[Path]:
                 )
         ax.set_xscale("log")
         ax.set_xticks(list(grid.final_steps), [str(n) for n in grid.final_steps])
+        ax.set_xticks([], minor=True)  # a log axis labels its minor ticks too
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel("test top-1 (%)")
 
