@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -41,9 +42,19 @@ def init_distributed() -> None:
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     deepspeed.init_distributed()
+    atexit.register(end_process_group)
     _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def end_process_group() -> None:
+    """Ends the process group while the interpreter still runs (registered at exit by
+    :func:`init_distributed`). Left to the C++ destructors at exit, a rank whose work was done
+    sometimes aborted ("terminate called without an active exception", status -6), failing its
+    launch."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _unlink_shm_allreduce_buffer() -> None:

@@ -4,8 +4,11 @@ DeepSpeed config (the 2-rank launches themselves run in tests/bench)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+from launch_util import REPO
 
 from mosa_scale.engine.launch import bench_zero_config, deepspeed_command, read_rank_rows, repo_env, write_rank_rows
 
@@ -40,3 +43,19 @@ def test_rank_rows_come_back_rank_by_rank(tmp_path):
     write_rank_rows(tmp_path, 1, [{"rank": 1, "v": 2.5}])
     write_rank_rows(tmp_path, 0, [{"rank": 0, "v": 1}, {"rank": 0, "v": 3}])
     assert read_rank_rows(tmp_path) == [{"rank": 0, "v": 1}, {"rank": 0, "v": 3}, {"rank": 1, "v": 2.5}]
+
+
+def test_a_rank_ends_its_process_group_before_the_interpreter_exits(tmp_path):
+    code = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('ended', not dist.is_initialized()))  # exit handlers run last in, first out\n"
+        "from mosa_scale.engine.deepspeed_engine import init_distributed\n"
+        "init_distributed()\n"
+        "assert dist.is_initialized() and dist.get_world_size() == 1\n"
+    )
+    env = repo_env(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "ended True"
