@@ -22,6 +22,7 @@ step, so they are identical everywhere and are saved with the model.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -78,6 +79,11 @@ class _Runs:
             out.append((r0, len(self.lengths), start, self.numel - start))
             self._pieces[numel] = out
         return self._pieces[numel]
+
+
+def _per_element(x: torch.Tensor, *, lengths: torch.Tensor, runs: slice, n: int) -> torch.Tensor:
+    """Per-run values ``x[runs]`` repeated over their runs' ``lengths``: (runs,) -> (n,)."""
+    return torch.repeat_interleave(x[runs], lengths, output_size=n)
 
 
 def _adamw_(
@@ -383,10 +389,7 @@ class MoSAAdamW(torch.optim.Optimizer):
         every = bool(stepped.all())
         flat = [t.view(-1) for t in (p, g, m, v)]
         for r0, r1, start, n in runs.pieces(self.piece_numel):
-
-            def per_element(x: torch.Tensor) -> torch.Tensor:  # (R,) -> the piece's (n,)
-                return torch.repeat_interleave(x[r0:r1], lengths[r0:r1], output_size=n)  # noqa: B023
-
+            per_element = functools.partial(_per_element, lengths=lengths[r0:r1], runs=slice(r0, r1), n=n)
             pp, gg, mm, vv = (t.narrow(0, start, n) for t in flat)
             size, bc2 = per_element(step_size), per_element(bc2_sqrt)
             if every:

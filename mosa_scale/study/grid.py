@@ -9,11 +9,10 @@
 * Phase C (final): every final configuration at every length of ``final_steps`` and every seed
   of ``final_seeds`` (schedules longer than ``select_steps`` only for the methods of
   ``long_methods`` when it is set), trained on all labelled samples and evaluated once on the
-  test split. The
-  final configurations are each method's best variant at its chosen rate, plus, for the better
-  MoSA semantics (the parallel adapter whose best variant scores higher), its best variant at
-  each N of ``experts`` (for the gain-against-N plot; the other semantics is run at its best N
-  only, which saves one configuration of phase C).
+  test split. The final configurations are each method's best variant at its chosen rate, plus,
+  for the better MoSA semantics (the parallel adapter whose best variant scores higher), its best
+  variant at each N of ``experts`` (for the gain-against-N plot; the other semantics is run at its
+  best N only, which saves one configuration of phase C).
 
 Choices are made jointly over the tasks: the highest mean validation top-1 over the tasks; a tie
 goes to the earlier entry in grid order (the smaller rate; consistency off before on).
