@@ -13,6 +13,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+# imported before any process group exists: its functions take ``group=group.WORLD`` defaults,
+# bound when the module is first imported (open_clip imports it); bound to a live group, they
+# keep that group and its gloo threads alive after ``destroy_process_group``, into the
+# interpreter's shutdown (see end_process_group)
+import torch.distributed.nn  # noqa: F401
+
 from mosa_scale.config.run import REPO_ROOT, RunConfig
 from mosa_scale.engine.launch import free_port
 from mosa_scale.host_memory import return_freed_memory
@@ -50,9 +56,11 @@ def init_distributed() -> None:
 
 def end_process_group() -> None:
     """Ends the process group while the interpreter still runs (registered at exit by
-    :func:`init_distributed`). Left to the C++ destructors at exit, a rank whose work was done
-    sometimes aborted ("terminate called without an active exception", status -6), failing its
-    launch."""
+    :func:`init_distributed`): its gloo threads are joined here, not left running into the
+    interpreter's shutdown, where a thread still releasing a finished collective's tensors takes
+    the interpreter lock and aborts the rank ("terminate called without an active exception",
+    status -6). The group is freed only if nothing else holds it: see ``torch.distributed.nn``
+    above."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -3,6 +3,7 @@ DeepSpeed config (the 2-rank launches themselves run in tests/bench)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -46,16 +47,30 @@ def test_rank_rows_come_back_rank_by_rank(tmp_path):
 
 
 def test_a_rank_ends_its_process_group_before_the_interpreter_exits(tmp_path):
+    """The group's gloo threads are gone when the interpreter shuts down, also when a library
+    imported after the group started binds it as a default argument (open_clip imports
+    ``torch.distributed.nn``, whose functions take ``group=group.WORLD``): left running, a thread
+    releasing a finished collective's tensors aborted the rank at exit."""
     code = (
-        "import atexit, torch.distributed as dist\n"
-        "atexit.register(lambda: print('ended', not dist.is_initialized()))  # exit handlers run last in, first out\n"
+        "import atexit, os, torch, torch.distributed as dist\n"
+        "def threads():\n"
+        "    return sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
+        "atexit.register(lambda: print('ended', not dist.is_initialized(), threads()))  # runs last in, first out\n"
         "from mosa_scale.engine.deepspeed_engine import init_distributed\n"
         "init_distributed()\n"
+        "import open_clip, torch.distributed.nn\n"
         "assert dist.is_initialized() and dist.get_world_size() == 1\n"
+        "out = torch.empty(4)\n"
+        "dist.all_gather_into_tensor(out, torch.ones(4))\n"
+        "print('running', sum(t == 'pt_gloo_runloop' for t in threads()))\n"
     )
     env = repo_env(REPO)
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "ended True"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == "running 2"  # gloo's two run-loop threads while the group lives
+    ended, initialized, names = lines[-1].split(" ", 2)
+    assert (ended, initialized) == ("ended", "True")
+    assert not [t for t in ast.literal_eval(names) if "gloo" in t], names
