@@ -18,8 +18,11 @@ autograd saves, and the order in which modules run forward and backward. Per GPU
   module's own parameters are gathered at its forward, at its backward when its output gets a
   gradient, and at its recompute; they are freed after use unless used again within
   ``stage3_max_reuse_distance`` elements; parameters up to ``stage3_param_persistence_threshold``
-  elements stay whole), plus up to ``stage3_prefetch_bucket_size`` elements of the tower
-  gathered ahead (an upper bound: DeepSpeed prefetches from the second step on);
+  elements stay whole), a fetch of several parameters held twice while they are copied out of
+  the flat buffer they were gathered into (not with ``stage3_use_all_reduce_for_fetch_params``),
+  plus up to ``stage3_prefetch_bucket_size`` elements of the tower gathered ahead (an upper
+  bound: DeepSpeed prefetches from the second step on);
+* module buffers (MoSA's partitions and index tables), whole on every rank;
 * a constant runtime overhead (CUDA context, allocator slack, communication buffers).
 
 Communication per step: ZeRO-3 tower and adapter gathers (bytes of the gathered tensors,
@@ -59,6 +62,7 @@ ZERO_DEFAULTS = {
     "stage3_prefetch_bucket_size": 50_000_000,
     "contiguous_gradients": True,
     "memory_efficient_linear": True,
+    "stage3_use_all_reduce_for_fetch_params": False,
 }
 
 
@@ -109,6 +113,7 @@ class _Model:
     tower: list[tuple[int, int]]  # (numel, bytes per element) of frozen parameters
     trainable: list[tuple[int, int]]
     name: str
+    buffer_bytes: int = 0  # module buffers (every rank holds them whole, at every stage)
 
 
 def zero_settings(cfg: RunConfig, stage: int) -> dict[str, Any]:
@@ -157,7 +162,10 @@ def _meta_model(cfg: RunConfig, num_classes: int, zero3_linear: bool = False) ->
     )
     tower = [(p.numel(), p.element_size()) for p in model.parameters() if not p.requires_grad]
     trainable = [(p.numel(), p.element_size()) for p in model.parameters() if p.requires_grad]
-    return _Model(traces[0], traces[1] if zero3_linear else None, flops, recompute, tower, trainable, backbone.name)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return _Model(
+        traces[0], traces[1] if zero3_linear else None, flops, recompute, tower, trainable, backbone.name, buffers
+    )
 
 
 def _pad(n: int, world: int) -> int:
@@ -180,7 +188,14 @@ def owned_params(trace: StepTrace) -> dict[str, list]:
     return owner
 
 
-def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persistence_threshold: int) -> dict[str, int]:
+def simulate_zero3(
+    trace: StepTrace,
+    world: int,
+    *,
+    reuse_distance: int,
+    persistence_threshold: int,
+    all_reduce_fetch: bool = False,
+) -> dict[str, int]:
     """ZeRO-3's gathers over one traced micro-batch in the steady state (prefetching off).
 
     A module's fetch gathers its parameters that are not whole (own, and the ones it read while
@@ -190,10 +205,18 @@ def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persist
     elements of the coming fetches. The traced micro-batch is replayed twice; the second replay
     is reported.
 
+    A fetch of several parameters of one dtype is gathered into one flat buffer and each
+    parameter then copied out of it (DeepSpeed's coalesced all-gather): for a moment the fetch
+    is held twice. With ``all_reduce_fetch`` (``stage3_use_all_reduce_for_fetch_params``) such a
+    fetch is an all-reduce into a buffer the parameters are views of: held once, but twice the
+    traffic of an all-gather. A fetch of one parameter is an all-gather into the parameter.
+
     Returns:
         ``gather_calls``, ``gather_bytes`` (all parameters; ``tower_gather_bytes`` of the frozen
-        ones), ``peak_gathered_bytes`` (the most parameter bytes whole at once) and
-        ``persistent_bytes`` (small parameters kept whole on every rank).
+        ones; ``all_reduce_fetch_bytes`` of those fetched by all-reduce), ``peak_gathered_bytes``
+        (the most parameter bytes whole at once), ``fetch_copy_bytes`` (the largest fetch held
+        twice while copied out) and ``persistent_bytes`` (small parameters kept whole on every
+        rank).
     """
     owner = owned_params(trace)
     info = {p.ident: p for ps in owner.values() for p in ps}
@@ -204,18 +227,27 @@ def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persist
     result: dict[str, int] = {}
     for _replay in range(2):
         avail: set[int] = set()
-        live = peak = calls = total = tower = 0
+        live = peak = calls = total = tower = reduced = copy = 0
         position = 0
 
         def gather(ids: list[int]) -> None:
-            nonlocal live, calls, total, tower
+            nonlocal live, calls, total, tower, reduced, copy
             if ids:
                 calls += 1
+            by_dtype: dict[int, list[int]] = {}
             for i in ids:
                 avail.add(i)  # noqa: B023 (called only inside this replay)
                 live += size[i]
                 total += size[i]
                 tower += 0 if info[i].trainable else size[i]
+                by_dtype.setdefault(info[i].elem_bytes, []).append(i)
+            for group in by_dtype.values():
+                if len(group) > 1:
+                    flat = sum(size[i] for i in group)
+                    if all_reduce_fetch:
+                        reduced += flat
+                    else:  # the flat buffer and the copies out of it, for a moment at once
+                        copy = max(copy, flat)
 
         for event in trace.events:
             if event[0] == "get":
@@ -248,7 +280,9 @@ def simulate_zero3(trace: StepTrace, world: int, *, reuse_distance: int, persist
             "gather_calls": calls,
             "gather_bytes": total,
             "tower_gather_bytes": tower,
+            "all_reduce_fetch_bytes": reduced,
             "peak_gathered_bytes": peak,
+            "fetch_copy_bytes": copy,
         }
     result["persistent_bytes"] = sum(info[i].numel * info[i].elem_bytes for i in persistent)
     return result
@@ -282,7 +316,7 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
     knob = {**ZERO_DEFAULTS, **zero}
     linear_saves = stage == 3 and bool(knob["memory_efficient_linear"]) and m.trace_zero3 is not None
     act = (m.trace_zero3 if linear_saves else m.trace).peak_bytes  # type: ignore[union-attr]
-    gathered = persistent = buffers = prefetch = 0
+    gathered = persistent = buffers = prefetch = copy = 0
     if stage > 0 and knob["contiguous_gradients"]:  # DeepSpeed's gradient bucket, allocated whole
         buffers = int(knob["reduce_bucket_size"]) * pb
     comm: dict[str, float] = {}
@@ -292,8 +326,9 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
             world,
             reuse_distance=int(knob["stage3_max_reuse_distance"]),
             persistence_threshold=int(knob["stage3_param_persistence_threshold"]),
+            all_reduce_fetch=bool(knob["stage3_use_all_reduce_for_fetch_params"]),
         )
-        gathered, persistent = z["peak_gathered_bytes"], z["persistent_bytes"]
+        gathered, persistent, copy = z["peak_gathered_bytes"], z["persistent_bytes"], z["fetch_copy_bytes"]
         tower_elem = max((b for _, b in m.tower), default=0)
         prefetch = min(int(knob["stage3_prefetch_bucket_size"]), sum(n for n, _ in m.tower)) * tower_elem
         comm.update(
@@ -303,9 +338,12 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
             tower_gathers_per_step=z["tower_gather_bytes"]
             * gas
             / max(1, sum(_pad(n, world) * world * b for n, b in m.tower)),
+            all_reduce_fetch_bytes=z["all_reduce_fetch_bytes"] * gas,
             grad_reduce_scatter_bytes=part * world * pb * gas,
         )
-        traffic = (world - 1) / world * (comm["gather_bytes"] + comm["grad_reduce_scatter_bytes"])
+        # an all-reduce moves twice an all-gather's bytes
+        fetched = comm["gather_bytes"] + comm["all_reduce_fetch_bytes"]
+        traffic = (world - 1) / world * (fetched + comm["grad_reduce_scatter_bytes"])
     elif stage in (1, 2):
         comm.update(grad_reduce_bytes=t_numel * pb * (gas if stage == 2 else 1), param_gather_bytes=t_numel * pb)
         traffic = (world - 1) / world * (2 * comm["grad_reduce_bytes"] + comm["param_gather_bytes"])
@@ -320,8 +358,10 @@ def _stage(m: _Model, cfg: RunConfig, stage: int, world: int, hw: Hardware, zero
         "fp32_master": master,
         "optimizer_state": adam,
         "activations": act,
+        "buffers": m.buffer_bytes,
         "zero_buffers": buffers,
         "zero3_gathered": gathered,
+        "zero3_fetch_copy": copy,  # an upper bound: it lasts one fetch, maybe not at the step's peak
         "zero3_prefetch": prefetch,
         "zero3_persistent": persistent,
         "overhead": hw.overhead_gib * GIB,

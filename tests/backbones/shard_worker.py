@@ -28,6 +28,7 @@ from mosa_scale.adapters import AdapterConfig  # noqa: E402
 from mosa_scale.backbones import build_backbone  # noqa: E402
 from mosa_scale.ckpt import adapter_state_dict, merge_state_dict  # noqa: E402
 from mosa_scale.config.run import RunConfig, TrainConfig  # noqa: E402
+from mosa_scale.engine.collectives import CollectiveCounter  # noqa: E402
 from mosa_scale.engine.deepspeed_engine import ZeroShard, full_fp32_params, init_distributed, initialize  # noqa: E402
 from mosa_scale.model.assembly import build_model  # noqa: E402
 from mosa_scale.optim import MoSAAdamW  # noqa: E402
@@ -36,7 +37,7 @@ from mosa_scale.sparse import Router  # noqa: E402
 MICRO, STEPS, CLASSES = 4, 3, 5
 
 
-def ds_config(precision: str = "fp32") -> dict:
+def ds_config(precision: str = "fp32", **zero) -> dict:
     return {
         "train_batch_size": MICRO * dist.get_world_size(),
         "train_micro_batch_size_per_gpu": MICRO,
@@ -45,7 +46,7 @@ def ds_config(precision: str = "fp32") -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "bf16": {"enabled": precision == "bf16"},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **zero},
     }
 
 
@@ -192,16 +193,19 @@ TRAIN_CASES = [  # (tower kind, adapter method, training precision)
     ("eva02-e", "lora", "fp32"),
     ("hf-vit", "sequential", "bf16"),
 ]
+# also trained with the low-memory fetch of ds_configs/zero3_lowmem.json: a module's parameters
+# all-reduced into one buffer they are views of, instead of all-gathered and copied out
+ALL_REDUCE_FETCH = {("openclip", "parallel"), ("eva02-e", "parallel"), ("hf-vit", "sequential")}
 
 
-def train_once(kind: str, method: str, precision: str, sharded: bool) -> dict[str, torch.Tensor]:
+def train_once(kind: str, method: str, precision: str, sharded: bool, **zero) -> dict[str, torch.Tensor]:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = RunConfig(
         model=TOWERS[kind],
         adapter=AdapterConfig(method=method, bottleneck=8, num_experts=4, share="none", dropout=0.0),
         train=TrainConfig(seed=5, precision=precision),
     )
-    ds = ds_config(precision)
+    ds = ds_config(precision, **zero)
     router = Router(seed=3, scope="rank", rank=rank, world_size=world)
     model, _, _ = build_model(cfg, router, num_classes=CLASSES, shard=ZeroShard(ds) if sharded else None)
     opt = MoSAAdamW.for_model(model, router=router, weight_decay=0.05, lr=1e-2)
@@ -213,13 +217,14 @@ def train_once(kind: str, method: str, precision: str, sharded: bool) -> dict[st
     with torch.no_grad():
         before = engine(x_eval).float()
     engine.module.train()
-    for step in range(STEPS):
-        x, y = torch.randn(MICRO, 3, 32, 32, generator=g).to(dt), torch.randint(CLASSES, (MICRO,), generator=g)
-        router.begin_step(step)
-        with router.forward_pass():
-            loss = F.cross_entropy(engine(x).float(), y)
-        engine.backward(loss)
-        engine.step()
+    with CollectiveCounter() as comm:
+        for step in range(STEPS):
+            x, y = torch.randn(MICRO, 3, 32, 32, generator=g).to(dt), torch.randint(CLASSES, (MICRO,), generator=g)
+            router.begin_step(step)
+            with router.forward_pass():
+                loss = F.cross_entropy(engine(x).float(), y)
+            engine.backward(loss)
+            engine.step()
     engine.module.eval()
     with torch.no_grad():
         logits = engine(x_eval).float()
@@ -228,6 +233,7 @@ def train_once(kind: str, method: str, precision: str, sharded: bool) -> dict[st
     buffers = {n: t.cpu() for n, t in adapter_state_dict(engine.module).items() if n not in values}
     merged = merge_state_dict({**buffers, **values})
     return {
+        "all_reduce_calls": torch.tensor([comm.calls["all_reduce"]]),
         "logits": logits,
         "moved": (logits - before).abs().max().reshape(1),
         **{f"trained/{k}": v for k, v in values.items()},
@@ -240,7 +246,14 @@ def phase_train() -> list[dict]:
     for kind, method, precision in TRAIN_CASES:
         ref = train_once(kind, method, precision, sharded=False)
         got = train_once(kind, method, precision, sharded=True)
+        ref.pop("all_reduce_calls")
+        gathered_calls = int(got.pop("all_reduce_calls"))
         diffs = {k: float((ref[k] - got[k]).abs().max()) if ref[k].numel() else 0.0 for k in ref}
+        fetch = reduced_calls = None
+        if (kind, method) in ALL_REDUCE_FETCH:
+            other = train_once(kind, method, precision, sharded=True, stage3_use_all_reduce_for_fetch_params=True)
+            reduced_calls = int(other.pop("all_reduce_calls")) - gathered_calls  # the fetches it all-reduced
+            fetch = max(float((got[k] - other[k]).abs().max()) if got[k].numel() else 0.0 for k in got)
         rows.append(
             {
                 "kind": kind,
@@ -252,6 +265,8 @@ def phase_train() -> list[dict]:
                 "merged_diff": max(v for k, v in diffs.items() if k.startswith("merged/")),
                 "merged_tensors": sum(k.startswith("merged/") for k in ref),
                 "logits_moved_by_training": float(ref["moved"]),
+                "all_reduce_fetch_diff": fetch,  # against the sharded run's values, all of them
+                "all_reduce_fetches": reduced_calls,
             }
         )
     return rows

@@ -78,3 +78,13 @@ def test_training_on_a_sharded_tower_equals_the_replicated_tower(results):
             assert r["same_keys"] and r["merged_tensors"] > 0, r
             assert r["logits_diff"] <= 1e-6 and r["trained_diff"] <= 1e-6 and r["merged_diff"] <= 1e-6, r
             assert r["logits_moved_by_training"] > 1e-3, r  # the adapters did train
+        # ds_configs/zero3_lowmem.json's fetch (all-reduce into the parameters' buffer) trains the same bits
+        fetched = {(r["kind"], r["method"]): r["all_reduce_fetch_diff"] for r in rows}
+        assert {k for k, v in fetched.items() if v is not None} == {
+            ("openclip", "parallel"),
+            ("eva02-e", "parallel"),
+            ("hf-vit", "sequential"),
+        }
+        assert all(v == 0.0 for v in fetched.values() if v is not None), fetched
+        # ... and did fetch by all-reduce (every step, several modules)
+        assert all(r["all_reduce_fetches"] >= 3 * 2 for r in rows if r["all_reduce_fetches"] is not None), rows

@@ -12,6 +12,7 @@ from launch_util import REPO, deepspeed_launch, launch_env
 from plan_cases import CASES, case_config, ds_config
 
 from mosa_scale.plan import Hardware, plan_run
+from mosa_scale.plan.planner import zero_settings
 
 pytestmark = pytest.mark.slow  # multi-process DeepSpeed launches
 
@@ -102,6 +103,32 @@ def test_memory_within_15_percent(measured, predicted, name):
         step = mem["activations"] + mem["zero3_gathered"] + mem["zero3_prefetch"]  # the step's peak above the states
         step += 0 if zero3 else mem["zero_buffers"]
         assert abs(m["step_peak_bytes"] / step - 1) < 0.15, (m["step_peak_bytes"], step)
+
+
+def test_all_reduce_fetch_trades_the_copy_for_traffic():
+    """A fetch of several parameters is held twice while DeepSpeed copies them out of the gathered
+    buffer; ``stage3_use_all_reduce_for_fetch_params`` (ds_configs/zero3_lowmem.json) holds it
+    once and moves it as an all-reduce (twice an all-gather's traffic)."""
+    cfg = case_config("s3")
+    gather = plan_run(cfg, world_size=2, hardware=Hardware(), num_classes=10, stages=(3,))["stages"]["3"]
+    reduce = plan_run(
+        cfg,
+        world_size=2,
+        hardware=Hardware(),
+        num_classes=10,
+        stages=(3,),
+        zero={**zero_settings(cfg, 3), "stage3_use_all_reduce_for_fetch_params": True},
+    )["stages"]["3"]
+    mg, mr = gather["memory_bytes"], reduce["memory_bytes"]
+    assert mg["zero3_fetch_copy"] > 0 and mr["zero3_fetch_copy"] == 0
+    assert mr["total"] == mg["total"] - mg["zero3_fetch_copy"]
+    cg, cr = gather["communication"], reduce["communication"]
+    assert cg["all_reduce_fetch_bytes"] == 0 and 0 < cr["all_reduce_fetch_bytes"] <= cr["gather_bytes"]
+    assert cr["gather_bytes"] == cg["gather_bytes"]
+    extra = cr["traffic_bytes_per_gpu"] - cg["traffic_bytes_per_gpu"]
+    assert extra == cr["all_reduce_fetch_bytes"] / 2  # (world - 1) / world of the all-reduced bytes once more
+    # the model's buffers are held whole at every stage
+    assert mg["buffers"] == mr["buffers"] > 0
 
 
 def test_big_towers_plan_and_verdict():

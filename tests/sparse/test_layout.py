@@ -34,6 +34,12 @@ def test_expert_ranges_hold_each_experts_entries_in_index_order(split_bias):
         # expert k's values are W0 at its entries (plus the distinct offsets added above), in index order
         assert torch.equal(layer.expert_values(k).detach() - torch.linspace(-1, 1, 30)[off : off + n], w0[idx])
     assert [n for _, n in layer.bias_ranges] == ([2, 2, 2] if split_bias else [6, 6, 6])
+    # the index tables every rank holds whole: int32, half of int64's bytes
+    assert layer.order.dtype == torch.int32 and torch.equal(
+        layer.order.long(), torch.argsort(layer.assign.long(), stable=True)
+    )
+    if split_bias:
+        assert layer.bias_order.dtype == torch.int32
 
 
 @pytest.mark.parametrize("split_bias", [False, True])
