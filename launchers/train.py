@@ -11,8 +11,6 @@ import json
 import logging
 import sys
 
-import torch.distributed as dist
-
 from mosa_scale.ckpt.adapter_file import AdapterFileError
 from mosa_scale.ckpt.safe_load import CheckpointError
 from mosa_scale.config import ConfigError
@@ -42,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         result = Trainer(cfg).run()
     except (CheckpointError, RunDirError, DataError, AdapterFileError) as e:  # every rank stops with the same reason
         print(f"[rank{rank}] train: stopped: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 2
+        return 2  # the process group ends at exit (engine.deepspeed_engine.end_process_group)
     if rank == 0:
         print(json.dumps({"final_eval": result}))
     return 0
