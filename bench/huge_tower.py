@@ -85,6 +85,9 @@ def worker(args: argparse.Namespace) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict = {"rank": rank}
+    # measured before the bandwidth test: gloo's thread frees a finished collective's buffers
+    # only once it takes the interpreter lock, which can be after the test
+    out["baseline_rss"] = new_peak()  # libraries and process group: not the model's
     # this machine's all-gather bandwidth (bf16, 256 MB gathered), for the time prediction
     part = torch.ones(64 * 2**20 // world, dtype=torch.bfloat16)
     full = torch.empty(part.numel() * world, dtype=torch.bfloat16)
@@ -94,10 +97,8 @@ def worker(args: argparse.Namespace) -> None:
         dist.all_gather_into_tensor(full, part)
     out["allgather_gbs"] = 3 * full.numel() * 2 / (time.perf_counter() - t0) / GB
     del part, full
-    # gloo's thread frees a finished collective's buffers once it can take the interpreter lock:
-    # a barrier (waiting without it) lets it, so the test's 0.2 GB is not counted as start-up
     dist.barrier()
-    out["baseline_rss"] = new_peak()  # libraries and process group: not the model's
+    new_peak()
     cfg = run_config(args, args.ckpt if args.part == "pretrained" else None)
     ds = deepspeed_config(cfg, world)
     router = Router(cfg.train.seed, cfg.routing.scope, rank, world)

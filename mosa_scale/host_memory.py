@@ -12,9 +12,10 @@ resident size follows what is live.
 
 The threshold is glibc's own starting value, 128 KiB. At 1 MiB the activations of a small batch
 (a few hundred KiB each) and the freed pieces between them stayed on the heap: in two training
-steps of EVA02-E-14 on 2 CPU ranks (micro-batch 1, 56 px) the heap held 0.29-0.38 GB freed and
-resident at the step's peak, and 0.05-0.10 GB at 128 KiB, which took 0.15 GB off the step's peak
-and 0.17 GB off construction's.
+steps of EVA02-E-14 on 2 CPU ranks (micro-batch 1, 56 px) the heap held 0.29-0.38 GB freed at
+the step's peak (the resident size grew 0.31 GB in a step while the heap's live bytes stayed
+flat), and 0.05-0.10 GB at 128 KiB, which took 0.15 GB off the step's peak and 0.17 GB off
+construction's.
 """
 
 from __future__ import annotations
