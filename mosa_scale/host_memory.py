@@ -10,12 +10,15 @@ step of EVA02-L-14 under ZeRO-3: 1.1 GB resident above the rank's share afterwar
 live. A fixed threshold turns the adjustment off: large buffers are mapped and unmapped, and the
 resident size follows what is live.
 
-The threshold is glibc's own starting value, 128 KiB. At 1 MiB the activations of a small batch
-(a few hundred KiB each) and the freed pieces between them stayed on the heap: in two training
-steps of EVA02-E-14 on 2 CPU ranks (micro-batch 1, 56 px) the heap held 0.29-0.38 GB freed at
-the step's peak (the resident size grew 0.31 GB in a step while the heap's live bytes stayed
-flat), and 0.05-0.10 GB at 128 KiB, which took 0.15 GB off the step's peak and 0.17 GB off
-construction's.
+The threshold is 1 MiB, and 128 KiB (glibc's own starting value) in a run whose tower is
+sharded (ZeRO-3, :data:`SHARDED_THRESHOLD`), where memory is what is short. At 1 MiB the
+activations of a small batch (a few hundred KiB each) and the freed pieces between them stay on
+the heap: in two training steps of EVA02-E-14 on 2 CPU ranks (micro-batch 1, 56 px) the heap held
+0.29-0.38 GB freed at the step's peak (the resident size grew 0.31 GB in a step while the heap's
+live bytes stayed flat), and 0.05-0.10 GB at 128 KiB, which took 0.15 GB off the step's peak and
+0.17 GB off construction's. Mapping every tensor of 128 KiB-1 MiB costs time, though: the
+replicated default job (ZeRO-2, ViT-B on digits, 2 CPU ranks) took 100-106 s for 100 steps at
+128 KiB against 70-87 s at 1 MiB, measured alternately.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-DEFAULT_THRESHOLD = 128 << 10  # glibc's own starting value, kept: tensors below it stay on the heap
+DEFAULT_THRESHOLD = 1 << 20  # 1 MiB: a tower parameter is larger, small tensors stay on the heap
+SHARDED_THRESHOLD = 128 << 10  # glibc's starting value: also a small batch's activations are mapped
 ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc's own setting: when it is set, the user chose; leave it
 MADV_DONTNEED = 4  # madvise advice (sys/mman.h)
 

@@ -57,3 +57,37 @@ def test_freed_blocks_are_returned():
 def test_user_setting_wins(monkeypatch):
     monkeypatch.setenv(ENV, "65536")
     assert return_freed_memory() is False
+
+
+# Which allocations get a mapping of their own: glibc's count of mapped bytes (mallinfo2) around
+# eight 512 KiB tensors (the first may still fit in the heap's free top), after the threshold
+# init_distributed sets and the tower construction of a run at ZeRO stage argv[1].
+SIZES = r"""
+import ctypes, sys
+import torch
+from mosa_scale.engine.deepspeed_engine import tower_shard
+from mosa_scale.host_memory import return_freed_memory
+
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+return_freed_memory()
+shard = tower_shard({"zero_optimization": {"stage": int(sys.argv[1])}})
+before = libc.mallinfo2().hblkhd
+kept = [torch.empty(512 << 10, dtype=torch.uint8) for _ in range(8)]
+mapped = libc.mallinfo2().hblkhd - before
+print(shard is not None, mapped >= 6 * (512 << 10), mapped == 0)
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_sharded_tower_maps_smaller_tensors(stage):
+    """1 MiB and up get their own mapping in every run; under ZeRO-3, where the tower is sharded
+    because memory is short, from 128 KiB (a small batch's activations no longer stay on the heap)."""
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    out = subprocess.run([sys.executable, "-c", SIZES, str(stage)], env=env, capture_output=True, text=True, check=True)
+    sharded = stage == 3
+    assert out.stdout.strip().splitlines()[-1].split() == [str(sharded), str(sharded), str(not sharded)]

@@ -21,7 +21,7 @@ import torch.distributed.nn  # noqa: F401
 
 from mosa_scale.config.run import REPO_ROOT, RunConfig
 from mosa_scale.engine.launch import free_port
-from mosa_scale.host_memory import return_freed_memory
+from mosa_scale.host_memory import SHARDED_THRESHOLD, return_freed_memory
 from mosa_scale.optim import MoSAAdamW
 from mosa_scale.optim.adamw import Fragment
 from mosa_scale.sparse import SparseExpertLinear
@@ -168,9 +168,16 @@ class ZeroShard:
 
 
 def tower_shard(ds_config: dict[str, Any]) -> ZeroShard | None:
-    """The construction hooks for the tower: partitioned under ZeRO-3, None (replicated) below."""
+    """The construction hooks for the tower: partitioned under ZeRO-3, None (replicated) below.
+
+    A run that shards its tower is short of host memory: under ZeRO-3 this also lowers glibc's
+    mapping threshold to :data:`~mosa_scale.host_memory.SHARDED_THRESHOLD` (the module says what
+    it saves and costs)."""
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    return ZeroShard(ds_config) if stage == 3 else None
+    if stage != 3:
+        return None
+    return_freed_memory(SHARDED_THRESHOLD)
+    return ZeroShard(ds_config)
 
 
 def _match_zero_init_dtype(model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
