@@ -197,14 +197,14 @@ class SparseExpertLinear(nn.Module):
         """Expert k's dense weight ``(out, in)`` and bias ``(out,)``; the gradient reaches ``slices``
         and ``biases`` (zeros outside expert k's ranges), times ``scale``."""
         offset, length = self.ranges[k]
-        index = self.order.narrow(0, offset, length)
+        index = self.order.narrow(0, offset, length).long()  # int32 table; index ops take int64
         if not self.has_bias:
             weight = _ComposeExpert.apply(
                 scale, self.base, self.decay[k], index, self.slices, offset, length, None, None, 0, 0
             )
             return weight.reshape(self.out_features, self.in_features), None
         b_off, b_len = self.bias_ranges[k]
-        b_index = self.bias_order.narrow(0, b_off, b_len) if self.split_bias else None
+        b_index = self.bias_order.narrow(0, b_off, b_len).long() if self.split_bias else None
         weight, bias = _ComposeExpert.apply(
             scale, self.base, self.decay[k], index, self.slices, offset, length, self.biases, b_index, b_off, b_len
         )
